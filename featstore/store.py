@@ -1,0 +1,413 @@
+"""The on-disk HDF5 store (layout ``format_version`` 1) — writer and lazy reader.
+
+Layout (documented in README.md, "The HDF5 layout"):
+
+* root attributes: provenance (``format``, ``format_version``, ``encoder``, ``sample_rate``, ...);
+* ``items/<column>``: 1-D datasets, one row per manifest row, in manifest order;
+* ``layers/NN``: ``(total_frames, dim)`` per layer, the frames of all items concatenated; item ``i``
+  is ``layers/NN[offset[i] : offset[i] + num_frames[i]]``;
+* ``pooled/<scope>-<method>/NN``: optional cache of pooled vectors ``(num_items, dim)``.
+
+This module knows nothing about models: it stores arrays and strings.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+FORMAT = "featstore"
+FORMAT_VERSION = 1
+STR = h5py.string_dtype(encoding="utf-8")
+
+#: fixed ``items/`` columns and their kinds ("s" string, "i" int64, "f" float64)
+ITEM_COLUMNS: dict[str, str] = {
+    "id": "s", "path": "s", "label": "s", "group": "s",
+    "num_samples": "i", "num_frames": "i", "offset": "i",
+    "segment_start_frame": "i", "segment_end_frame": "i",
+    "sha256": "s", "rms_db": "f", "status": "s", "error": "s", "note": "s",
+}
+#: status of a row that has not been processed yet (only ever seen in a ``.partial`` file)
+PENDING = "pending"
+OK = "ok"
+REQUIRED_ATTRS = (
+    "format", "format_version", "encoder", "encoder_revision", "encoder_config", "sample_rate",
+    "frame_stride_samples", "receptive_field_samples", "first_frame_center_samples", "num_layers",
+    "dtype", "manifest_sha256", "created_at", "versions", "padding_exact", "padding_audit",
+)
+
+
+def layer_name(k: int) -> str:
+    """Dataset name of layer ``k`` inside ``layers/`` (``00``, ``01``, ...)."""
+    return f"{k:02d}"
+
+
+def _default(kind: str) -> Any:
+    return {"s": "", "i": -1, "f": np.nan}[kind]
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "OS":
+        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+    return values
+
+
+class StoreWriter:
+    """Incremental writer of one store file.
+
+    The file is built under ``<path>.partial`` and renamed to ``path`` by :meth:`finalize`, so a
+    finished store is never half-written under its final name. Rows are pre-allocated in manifest
+    order with status ``pending``; :meth:`write_items` appends the frames of finished items and then
+    commits their rows, so an interrupted run leaves a ``.partial`` file that :meth:`open` resumes.
+    """
+
+    def __init__(self, h5: h5py.File, path: Path):
+        self.h5 = h5
+        self.path = Path(path)
+
+    # -- creation / resume -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        rows: Sequence[Mapping[str, Any]],
+        attrs: Mapping[str, Any],
+        layer_dims: Sequence[int],
+        dtype: str = "float32",
+        extra_columns: Sequence[str] = (),
+        chunk_frames: int = 4096,
+    ) -> "StoreWriter":
+        """Create ``<path>.partial`` with one pending row per manifest row."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(path)
+        h5 = h5py.File(partial, "w")
+        for key, value in attrs.items():
+            h5.attrs[key] = _attr(value)
+        h5.attrs["format"] = FORMAT
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["num_layers"] = len(layer_dims)
+        h5.attrs["dtype"] = dtype
+        h5.attrs["committed_frames"] = 0
+        n = len(rows)
+        items = h5.create_group("items")
+        for col, kind in ITEM_COLUMNS.items():
+            vals = [r.get(col, _default(kind)) for r in rows]
+            if col == "status":
+                vals = [PENDING] * n
+            _create_column(items, col, kind, vals)
+        for col in extra_columns:
+            _create_column(items, col, "s", [str(r.get(col, "") or "") for r in rows])
+        items.attrs["extra_columns"] = json.dumps(list(extra_columns))
+        layers = h5.create_group("layers")
+        for k, dim in enumerate(layer_dims):
+            layers.create_dataset(
+                layer_name(k), shape=(0, int(dim)), maxshape=(None, int(dim)), dtype=dtype,
+                chunks=(max(1, min(chunk_frames, max(1, 2**20 // (4 * int(dim))))), int(dim)),
+            )
+        h5.flush()
+        return cls(h5, path)
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, expect: Mapping[str, Any]) -> "StoreWriter":
+        """Reopen ``<path>.partial``; refuse it when any attribute in ``expect`` differs.
+
+        Frames appended after the last committed batch (an interruption between the two steps
+        of :meth:`write_items`) are cut off, so the resumed store equals an uninterrupted one.
+        """
+        path = Path(path)
+        h5 = h5py.File(partial_path(path), "r+")
+        for key, value in expect.items():
+            have = h5.attrs.get(key)
+            if _norm(have) != _norm(_attr(value)):
+                h5.close()
+                raise StoreMismatch(
+                    f"{partial_path(path)} was started with {key}={_short(have)}, this run has "
+                    f"{key}={_short(_attr(value))}; delete it or use another --out"
+                )
+        committed = int(h5.attrs["committed_frames"])
+        for ds in h5["layers"].values():
+            if ds.shape[0] != committed:
+                ds.resize(committed, axis=0)
+        return cls(h5, path)
+
+    # -- writing ---------------------------------------------------------------------------
+    def pending_rows(self) -> np.ndarray:
+        """Indices of rows not yet processed."""
+        status = _decode(self.h5["items/status"][:])
+        return np.flatnonzero(status == PENDING)
+
+    def write_items(self, results: Sequence[tuple[int, Mapping[str, Any], Sequence[np.ndarray] | None]]) -> None:
+        """Append a batch: each entry is ``(row, fields, layers)``.
+
+        ``layers`` is a list with one ``(num_frames, dim_k)`` array per layer, or ``None`` for a
+        failed item (0 frames). ``fields`` sets ``items/`` columns (status, error, note, ...).
+        """
+        committed = int(self.h5.attrs["committed_frames"])
+        layers = self.h5["layers"]
+        nl = len(layers)
+        total = committed
+        offsets = []
+        for _, _, frames in results:
+            n = 0 if frames is None else int(frames[0].shape[0])
+            offsets.append((total, n))
+            total += n
+        if total > committed:
+            for k in range(nl):
+                ds = layers[layer_name(k)]
+                ds.resize(total, axis=0)
+                block = [f[k] for _, _, f in results if f is not None and f[0].shape[0] > 0]
+                ds[committed:total] = np.concatenate(block, axis=0).astype(ds.dtype, copy=False)
+        items = self.h5["items"]
+        for (row, fields, frames), (off, n) in zip(results, offsets):
+            values = dict(fields)
+            values["offset"] = off if n else 0
+            values["num_frames"] = n
+            values.setdefault("status", OK)
+            for col, val in values.items():
+                if col in items:
+                    items[col][row] = val
+        self.h5.attrs["committed_frames"] = total
+        self.h5.flush()
+
+    def set_attrs(self, **attrs: Any) -> None:
+        for key, value in attrs.items():
+            self.h5.attrs[key] = _attr(value)
+
+    def finalize(self) -> Path:
+        """Close and move ``.partial`` to the final name (atomic on one file system)."""
+        self.h5.attrs["num_items"] = self.h5["items/id"].shape[0]
+        self.h5.flush()
+        self.h5.close()
+        os.replace(partial_path(self.path), self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.h5.id.valid:
+            self.h5.flush()
+            self.h5.close()
+
+
+class StoreMismatch(RuntimeError):
+    """A partial store cannot be resumed by this run (different model, manifest or settings)."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def _create_column(group: h5py.Group, name: str, kind: str, values: Sequence[Any]) -> None:
+    if kind == "s":
+        group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=STR)
+    elif kind == "i":
+        group.create_dataset(name, data=np.asarray(values, dtype=np.int64))
+    else:
+        group.create_dataset(name, data=np.asarray(values, dtype=np.float64))
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    if value is None:
+        return ""
+    return value
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _short(value: Any, n: int = 80) -> str:
+    s = str(_norm(value))
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Store:
+    """Lazy read access to a store file (see :func:`open_store`).
+
+    ``items`` is a pandas DataFrame of the ``items/`` table; frames are read on demand.
+    """
+
+    path: Path
+    h5: h5py.File
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.h5.id.valid:
+            self.h5.close()
+
+    # -- metadata --------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes, JSON strings decoded."""
+        out = {}
+        for key, value in self.h5.attrs.items():
+            value = _norm(value)
+            if isinstance(value, str) and value[:1] in "[{":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            out[key] = value
+        return out
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.h5["layers"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.h5["items/id"].shape[0])
+
+    def layer_dim(self, k: int) -> int:
+        return int(self.h5["layers"][layer_name(k)].shape[1])
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return json.loads(_norm(self.h5["items"].attrs.get("extra_columns", "[]")))
+
+    def column(self, name: str) -> np.ndarray:
+        """One ``items/`` column as a numpy array (strings as ``object``)."""
+        return _decode(self.h5["items"][name][:])
+
+    @property
+    def items(self):
+        """The ``items/`` table as a pandas DataFrame (one row per manifest row)."""
+        import pandas as pd
+
+        return pd.DataFrame({name: self.column(name) for name in self.h5["items"].keys()})
+
+    # -- frames ----------------------------------------------------------------------------
+    def layer(self, k: int) -> np.ndarray:
+        """All frames of layer ``k`` (one sequential read), shape ``(total_frames, dim)``."""
+        return self.h5["layers"][layer_name(k)][:]
+
+    def frames(self, i: int, k: int) -> np.ndarray:
+        """Frames of item ``i`` at layer ``k``: ``(num_frames[i], dim)``."""
+        off = int(self.h5["items/offset"][i])
+        n = int(self.h5["items/num_frames"][i])
+        return self.h5["layers"][layer_name(k)][off : off + n]
+
+    def iter_item_frames(self, k: int, rows: Iterable[int] | None = None):
+        """Yield ``(row, frames)`` for the given rows (default all) at layer ``k``; one layer read."""
+        data = self.layer(k)
+        offset = self.h5["items/offset"][:]
+        nfr = self.h5["items/num_frames"][:]
+        for i in range(self.num_items) if rows is None else rows:
+            yield int(i), data[offset[i] : offset[i] + nfr[i]]
+
+    # -- pooled cache ------------------------------------------------------------------------
+    def pooled(self, key: str, k: int) -> np.ndarray | None:
+        """Cached pooled vectors ``pooled/<key>/NN`` or ``None``."""
+        name = f"pooled/{key}/{layer_name(k)}"
+        return self.h5[name][:] if name in self.h5 else None
+
+
+def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
+    """Open a store for reading (``mode="a"`` lets callers add to ``pooled/``)."""
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise FileNotFoundError(
+                f"{path} is not finished: {partial_path(path)} holds an interrupted run; run the same "
+                "`featstore extract` command again to resume it"
+            )
+        raise FileNotFoundError(f"no store at {path}")
+    h5 = h5py.File(path, mode)
+    if _norm(h5.attrs.get("format")) != FORMAT:
+        h5.close()
+        raise ValueError(f"{path} is not a featstore file (root attribute format != 'featstore')")
+    version = int(h5.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        h5.close()
+        raise ValueError(f"{path} has format_version {version}; this featstore reads version {FORMAT_VERSION}")
+    return Store(path, h5)
+
+
+def write_pooled(path: str | os.PathLike, key: str, k: int, values: np.ndarray) -> None:
+    """Cache pooled vectors in ``pooled/<key>/NN`` of a finished store (overwrites)."""
+    with h5py.File(path, "a") as h5:
+        name = f"pooled/{key}/{layer_name(k)}"
+        if name in h5:
+            del h5[name]
+        h5.create_dataset(name, data=np.asarray(values, dtype=np.float32))
+
+
+def check_store(path: str | os.PathLike) -> list[str]:
+    """Verify the layout and invariants; return a list of problems (empty = valid)."""
+    problems: list[str] = []
+    try:
+        store = open_store(path)
+    except (OSError, ValueError) as exc:
+        return [str(exc)]
+    with store:
+        h5 = store.h5
+        for key in REQUIRED_ATTRS:
+            if key not in h5.attrs:
+                problems.append(f"missing root attribute {key!r}")
+        if "items" not in h5 or "layers" not in h5:
+            return problems + ["missing group items/ or layers/"]
+        n = store.num_items
+        for col in ITEM_COLUMNS:
+            if col not in h5["items"]:
+                problems.append(f"missing items/{col}")
+            elif h5["items"][col].shape != (n,):
+                problems.append(f"items/{col} has shape {h5['items'][col].shape}, expected ({n},)")
+        if problems:
+            return problems
+        if int(h5.attrs["num_layers"]) != store.num_layers:
+            problems.append(f"num_layers={h5.attrs['num_layers']} but layers/ holds {store.num_layers}")
+        offset = h5["items/offset"][:]
+        nfr = h5["items/num_frames"][:]
+        status = store.column("status")
+        totals = {h5["layers"][name].shape[0] for name in h5["layers"]}
+        if len(totals) != 1:
+            problems.append(f"layers have different frame totals: {sorted(totals)}")
+        total = max(totals) if totals else 0
+        if (nfr < 0).any():
+            problems.append("negative num_frames")
+        if ((offset < 0) | (offset + nfr > total)).any():
+            problems.append("an item's frames reach outside the layer arrays")
+        if int(nfr.sum()) != total:
+            problems.append(f"num_frames sum to {int(nfr.sum())} but layers hold {total} frames")
+        live = np.flatnonzero(nfr > 0)
+        order = live[np.argsort(offset[live], kind="stable")]
+        ends = offset[order] + nfr[order]
+        if len(order) > 1 and (offset[order][1:] < ends[:-1]).any():
+            problems.append("items' frame ranges overlap")
+        if (status == PENDING).any():
+            problems.append(f"{int((status == PENDING).sum())} items are still pending")
+        bad_ok = np.flatnonzero((status == OK) & (nfr == 0))
+        if len(bad_ok):
+            problems.append(f"{len(bad_ok)} items have status ok but 0 frames")
+        ids = store.column("id")
+        if len(set(ids[status == OK])) != int((status == OK).sum()):
+            problems.append("duplicate ids among ok items")
+        seg_s, seg_e = h5["items/segment_start_frame"][:], h5["items/segment_end_frame"][:]
+        has = seg_s >= 0
+        if ((seg_e[has] < seg_s[has]) | (seg_e[has] > nfr[has])).any():
+            problems.append("a segment lies outside its item's frames")
+        for name in h5["layers"]:
+            ds = h5["layers"][name]
+            if ds.shape[0] and not np.isfinite(ds[: min(ds.shape[0], 65536)]).all():
+                problems.append(f"layers/{name} holds non-finite values")
+    return problems
