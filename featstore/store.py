@@ -81,8 +81,13 @@ class StoreWriter:
         dtype: str = "float32",
         extra_columns: Sequence[str] = (),
         chunk_frames: int = 4096,
+        layer_ids: Sequence[int] | None = None,
     ) -> "StoreWriter":
-        """Create ``<path>.partial`` with one pending row per manifest row."""
+        """Create ``<path>.partial`` with one pending row per manifest row.
+
+        ``layer_ids`` names the stored layers (model layer indices, default ``0..L-1``).
+        """
+        layer_ids = list(range(len(layer_dims))) if layer_ids is None else list(layer_ids)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(path)
@@ -105,7 +110,7 @@ class StoreWriter:
             _create_column(items, col, "s", [str(r.get(col, "") or "") for r in rows])
         items.attrs["extra_columns"] = json.dumps(list(extra_columns))
         layers = h5.create_group("layers")
-        for k, dim in enumerate(layer_dims):
+        for k, dim in zip(layer_ids, layer_dims):
             layers.create_dataset(
                 layer_name(k), shape=(0, int(dim)), maxshape=(None, int(dim)), dtype=dtype,
                 chunks=(max(1, min(chunk_frames, max(1, 2**20 // (4 * int(dim))))), int(dim)),
@@ -150,7 +155,7 @@ class StoreWriter:
         """
         committed = int(self.h5.attrs["committed_frames"])
         layers = self.h5["layers"]
-        nl = len(layers)
+        names = sorted(layers.keys(), key=int)
         total = committed
         offsets = []
         for _, _, frames in results:
@@ -158,10 +163,10 @@ class StoreWriter:
             offsets.append((total, n))
             total += n
         if total > committed:
-            for k in range(nl):
-                ds = layers[layer_name(k)]
+            for pos, name in enumerate(names):
+                ds = layers[name]
                 ds.resize(total, axis=0)
-                block = [f[k] for _, _, f in results if f is not None and f[0].shape[0] > 0]
+                block = [f[pos] for _, _, f in results if f is not None and f[0].shape[0] > 0]
                 ds[committed:total] = np.concatenate(block, axis=0).astype(ds.dtype, copy=False)
         items = self.h5["items"]
         for (row, fields, frames), (off, n) in zip(results, offsets):
@@ -273,6 +278,11 @@ class Store:
     @property
     def num_layers(self) -> int:
         return len(self.h5["layers"])
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """Model layer index of each stored layer (``layers/NN`` names), ascending."""
+        return sorted(int(name) for name in self.h5["layers"])
 
     @property
     def num_items(self) -> int:

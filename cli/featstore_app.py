@@ -1,0 +1,170 @@
+"""`featstore` command line: extract, info, check, merge, demo."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Padding-exact frozen-feature store for speech models.")
+console = Console(stderr=True)
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """One red line, no traceback."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def extract(
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="CSV/TSV (path,label[,speaker,id,start,end,...]) or a folder-per-label directory."),
+    model: str = typer.Option(..., "--model", help="Alias (wavlm-base-plus), hub id, model directory, or a front end: logmel, mfcc, spectral."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store file (default cache/<model>__<manifest>.h5)."),
+    group_column: str = typer.Option("speaker", help="Manifest column holding the speaker (CV groups)."),
+    layers: str = typer.Option("all", help="Layers to store: all, 0-12, 0,4,8."),
+    device: str = typer.Option("auto", help="auto (cuda when present), cpu, cuda, cuda:1."),
+    batch_seconds: float = typer.Option(60.0, help="Audio seconds per batch (length * clips of the longest clip)."),
+    dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
+    amp: str = typer.Option("fp32", help="Autocast on GPU: fp32 (off), bf16, fp16."),
+    crop_to_segment: bool = typer.Option(False, help="With start/end: encode only the segment's audio instead of the whole clip."),
+    textgrid_tier: Optional[str] = typer.Option(None, help="Take segments from this tier of <audio>.TextGrid."),
+    textgrid_labels: Optional[str] = typer.Option(None, help="Comma-separated interval labels to take (default: all non-empty)."),
+    context_seconds: Optional[float] = typer.Option(None, help="Whisper only: shortened encoder window in seconds (default: the full 30-s window)."),
+    shard: Optional[str] = typer.Option(None, help="Process shard K/N of the manifest into its own file."),
+    overwrite: bool = typer.Option(False, help="Replace a finished store."),
+    strict: bool = typer.Option(False, help="Exit with code 1 when any item failed."),
+) -> None:
+    """Run the model once and store every layer's frames (resumes an interrupted run)."""
+    from featstore.encoders.registry import ModelNotAvailable
+    from featstore.extract import extract as run
+    from featstore.manifest import ManifestError
+    from featstore.store import StoreMismatch
+
+    if dtype not in ("float32", "float16"):
+        fail(f"--dtype must be float32 or float16, not {dtype!r}")
+    if amp not in ("fp32", "bf16", "fp16"):
+        fail(f"--amp must be fp32, bf16 or fp16, not {amp!r}")
+    options = {}
+    if context_seconds is not None:
+        options["context_seconds"] = context_seconds
+    if amp != "fp32":
+        options["amp"] = amp
+    try:
+        res = run(
+            manifest, model, out, group_column=group_column, layers=layers, device=device,
+            batch_seconds=batch_seconds, dtype=dtype, crop_to_segment=crop_to_segment,
+            textgrid_tier=textgrid_tier, textgrid_labels=textgrid_labels.split(",") if textgrid_labels else None,
+            shard=shard, overwrite=overwrite, encoder_options=options, console=console,
+        )
+    except (ManifestError, ModelNotAvailable, StoreMismatch, ValueError) as exc:
+        fail(str(exc))
+    except TypeError as exc:
+        fail(f"option not supported by this encoder: {exc}")
+    if res.already_done:
+        console.print(f"[green]{res.path} is already complete[/] (use --overwrite to redo it)")
+        raise typer.Exit(EXIT_OK)
+    if res.interrupted:
+        console.print(f"[yellow]interrupted[/]: work so far is kept in {res.path}.partial; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _print_summary(res)
+    if strict and res.failures:
+        raise typer.Exit(EXIT_ITEMS_FAILED)
+
+
+def _print_summary(res) -> None:
+    from collections import Counter
+
+    if res.failures:
+        console.print(f"[yellow]{len(res.failures)} item(s) not extracted:[/]")
+        for i, (item, status, msg) in enumerate(res.failures):
+            if i == 50:
+                console.print(f"  ... and {len(res.failures) - 50} more (see `featstore info {res.path} --failures`)")
+                break
+            console.print(f"  {item}: [bold]{status}[/] {msg}")
+    notes = Counter(n for _, n in res.notes)
+    for note, count in notes.most_common(5):
+        console.print(f"[dim]note: {count} item(s): {note}[/]")
+    t = Table(title=f"featstore extract -> {res.path}")
+    for col in ("items", "ok", "failed", "audio s", "wall s", "audio s/s", "clips/s", "padded frames"):
+        t.add_column(col, justify="right")
+    processed = res.ok if not res.resumed else res.items
+    t.add_row(
+        str(res.items), str(res.ok), str(len(res.failures)), f"{res.audio_seconds:.1f}", f"{res.wall_seconds:.1f}",
+        f"{res.audio_seconds / max(res.wall_seconds, 1e-9):.2f}", f"{processed / max(res.wall_seconds, 1e-9):.1f}",
+        f"{100 * res.padded_fraction:.1f} %",
+    )
+    Console().print(t)
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A store file."),
+    failures: bool = typer.Option(False, "--failures", help="List every item whose status is not ok."),
+) -> None:
+    """Model, items, layers, frames, statuses, duration quantiles, padding-exact flag."""
+    import numpy as np
+
+    import featstore
+
+    try:
+        store = featstore.open(file)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc))
+    with store:
+        a = store.attrs
+        items = store.items
+        ok = items["status"] == "ok"
+        dur = items.loc[ok, "num_samples"].to_numpy() / float(a["sample_rate"])
+        t = Table(title=str(file), show_header=False)
+        t.add_column("key", style="bold")
+        t.add_column("value")
+        t.add_row("encoder", f"{a['encoder']} ({a.get('encoder_revision', '')})")
+        t.add_row("layers", f"{store.num_layers} stored: {a.get('layer_ids', list(range(store.num_layers)))}, dims {sorted({store.layer_dim(k) for k in store.layer_ids})}")
+        t.add_row("items", f"{store.num_items} ({int(ok.sum())} ok)")
+        t.add_row("statuses", ", ".join(f"{k}: {v}" for k, v in items["status"].value_counts().items()))
+        t.add_row("frames", f"{int(items['num_frames'].sum())} (stride {a['frame_stride_samples']} samples at {a['sample_rate']} Hz)")
+        if len(dur):
+            q = np.quantile(dur, [0, 0.1, 0.5, 0.9, 1])
+            t.add_row("duration s (min/10/50/90/max %)", " / ".join(f"{v:.3f}" for v in q))
+        labels = items.loc[ok & (items["label"] != ""), "label"].value_counts()
+        t.add_row("labels", ", ".join(f"{k}: {v}" for k, v in labels.items()) or "none")
+        t.add_row("groups", str(items.loc[ok & (items["group"] != ""), "group"].nunique()))
+        t.add_row("segments", str(int((items["segment_start_frame"] >= 0).sum())))
+        t.add_row("padding_exact", str(bool(a.get("padding_exact"))))
+        audit = a.get("padding_audit") or {}
+        if audit.get("max_abs"):
+            t.add_row("padding audit", f"pad to {audit['pad_seconds']} s moves frames by up to {max(audit['max_abs']):.3g} (mean {np.mean(audit['mean_abs']):.3g}) over {audit['clips']} clips")
+        t.add_row("dtype", str(a.get("dtype")))
+        t.add_row("created", str(a.get("created_at")))
+        t.add_row("extra columns", ", ".join(store.extra_columns) or "none")
+        Console().print(t)
+        if failures:
+            bad = items.loc[~ok, ["id", "status", "error"]]
+            for _, r in bad.iterrows():
+                Console().print(f"{r['id']}: {r['status']} {r['error']}")
+
+
+@app.command()
+def check(file: Path = typer.Argument(..., help="A store file.")) -> None:
+    """Verify the layout and its invariants; exit 1 when anything is wrong."""
+    from featstore.store import check_store
+
+    problems = check_store(file)
+    if problems:
+        for p in problems:
+            console.print(f"[red]✗[/] {p}")
+        raise typer.Exit(1)
+    Console().print(f"[green]✓[/] {file}: layout and invariants hold")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

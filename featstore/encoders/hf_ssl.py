@@ -1,0 +1,202 @@
+"""Hugging Face speech SSL models (wav2vec2, HuBERT, WavLM, data2vec-audio), padding-exact.
+
+How batches stay exact: each clip is normalised over its own samples (as the checkpoint's feature
+extractor says), the CNN feature encoder sees each clip *unpadded* (group-norm checkpoints
+normalise every channel over time, so padding would change every frame) — or, for layer-norm
+checkpoints, a padded batch whose valid frames depend only on real samples — and the transformer
+runs batched with a frame mask. The model's own forward is used throughout: its feature encoder is
+swapped for a module that hands over the precomputed frames, so ``hidden_states`` are exactly what
+the model returns.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from featstore.encoders.base import Encoder
+
+
+class _Precomputed(nn.Module):
+    """Stands in for the CNN feature encoder: returns frames computed beforehand."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__()
+        self.features = features  # (batch, channels, frames)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
+        return self.features
+
+
+@contextmanager
+def _feature_encoder_swapped(model: nn.Module, features: torch.Tensor) -> Iterator[None]:
+    original = model.feature_extractor
+    model.feature_extractor = _Precomputed(features)
+    try:
+        yield
+    finally:
+        model.feature_extractor = original
+
+
+class SSLEncoder(Encoder):
+    """A wav2vec2-family model; layer k = ``hidden_states[k]`` of a solo run of the clip."""
+
+    def __init__(
+        self,
+        local_dir: str | Path,
+        name: str | None = None,
+        revision: str = "",
+        device: str = "cpu",
+        amp: str | None = None,
+        layers: Sequence[int] | None = None,
+    ):
+        from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        local_dir = Path(local_dir)
+        self.name = name or str(local_dir)
+        self.revision = revision
+        self.device = device
+        self.model = AutoModel.from_pretrained(str(local_dir), dtype=torch.float32).to(device).eval()
+        cfg = self.model.config
+        if (local_dir / "preprocessor_config.json").exists():
+            self.feature_extractor = AutoFeatureExtractor.from_pretrained(str(local_dir))
+            fe_note = ""
+        else:
+            self.feature_extractor = Wav2Vec2FeatureExtractor()
+            fe_note = "no preprocessor_config.json: Wav2Vec2FeatureExtractor defaults used"
+        self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
+        self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
+        self.cnn_per_clip = getattr(cfg, "feat_extract_norm", "group") != "layer"
+        kernels, strides = list(cfg.conv_kernel), list(cfg.conv_stride)
+        rf, jump = 1, 1
+        for k, s in zip(kernels, strides):
+            rf += (k - 1) * jump
+            jump *= s
+        self.frame_stride_samples = jump
+        self.receptive_field_samples = rf
+        self.first_frame_center_samples = (rf - 1) / 2
+        n_hidden = cfg.num_hidden_layers + 1
+        self.layer_ids = list(range(n_hidden)) if layers is None else sorted(set(int(k) for k in layers))
+        if any(k < 0 or k >= n_hidden for k in self.layer_ids):
+            raise ValueError(f"layers must lie in 0..{n_hidden - 1} for this model")
+        self.layer_dims = [int(cfg.hidden_size)] * len(self.layer_ids)
+        self.padding_exact = True
+        self.amp = amp
+        self.config = cfg.to_dict()
+        self.extra_attrs: dict[str, Any] = {
+            "feature_extractor_config": json.dumps(self.feature_extractor.to_dict(), sort_keys=True, default=str),
+            "cnn_mode": "per-clip" if self.cnn_per_clip else "batched",
+            "do_normalize": self.do_normalize,
+        }
+        if fe_note:
+            self.extra_attrs["encoder_note"] = fe_note
+        self.stats = {"frames": 0, "padded_frames": 0, "batches": 0}
+
+    # ------------------------------------------------------------------------------------------
+    def num_frames(self, num_samples: int) -> int:
+        if num_samples < self.receptive_field_samples:
+            return 0
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(int(num_samples))).item())
+
+    def preprocess(self, clip: np.ndarray) -> np.ndarray:
+        """The checkpoint's per-clip normalisation, over the clip's own samples."""
+        x = np.asarray(clip, dtype=np.float32)
+        if self.do_normalize:  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+            x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+        return x.astype(np.float32, copy=False)
+
+    def _autocast(self):
+        if self.amp in (None, "", "fp32"):
+            return torch.autocast(device_type=self.device.split(":")[0], enabled=False)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
+
+    @torch.inference_mode()
+    def _cnn(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
+        """CNN frames of a batch, ``(B, C, T_max)`` zero beyond each clip's frames."""
+        lengths = [self.num_frames(len(c)) for c in clips]
+        fe = self.model.feature_extractor
+        if self.cnn_per_clip:
+            feats = [fe(torch.from_numpy(c)[None].to(self.device))[0] for c in clips]
+        else:
+            n_max = max(len(c) for c in clips)
+            batch = torch.zeros(len(clips), n_max, device=self.device)
+            for i, c in enumerate(clips):
+                batch[i, : len(c)] = torch.from_numpy(c)
+            out = fe(batch)
+            feats = [out[i] for i in range(len(clips))]
+        t_max = max(lengths)
+        full = torch.zeros(len(clips), feats[0].shape[0], t_max, device=self.device, dtype=feats[0].dtype)
+        for i, (f, t) in enumerate(zip(feats, lengths)):
+            full[i, :, :t] = f[:, :t]
+        return full, lengths
+
+    @torch.inference_mode()
+    def hidden_states(self, clips: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[int]]:
+        """All ``hidden_states`` of a batch, ``[(B, T_max, D)] * (layers+1)``, and true lengths."""
+        xs = [self.preprocess(c) for c in clips]
+        with self._autocast():
+            feats, lengths = self._cnn(xs)
+            n_max = max(len(x) for x in xs)
+            mask = torch.zeros(len(xs), n_max, dtype=torch.long, device=self.device)
+            for i, x in enumerate(xs):
+                mask[i, : len(x)] = 1
+            dummy = torch.zeros(len(xs), 1, device=self.device)
+            with _feature_encoder_swapped(self.model, feats), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
+                out = self.model(dummy, attention_mask=mask, output_hidden_states=True)
+        self.stats["frames"] += sum(lengths)
+        self.stats["padded_frames"] += len(lengths) * max(lengths) - sum(lengths)
+        self.stats["batches"] += 1
+        return list(out.hidden_states), lengths
+
+    def encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        hs, lengths = self.hidden_states(clips)
+        stacked = torch.stack([hs[k] for k in self.layer_ids]).float().cpu().numpy()  # (L, B, T, D)
+        return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def common_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> list[list[np.ndarray]]:
+        """What the usual recipe computes: the feature extractor pads/truncates every clip to
+        ``pad_seconds`` and the full model runs on the padded batch (with the attention mask only
+        when the checkpoint's feature extractor returns one). Returns each clip's true frames."""
+        n_pad = int(round(pad_seconds * self.sample_rate))
+        inputs = self.feature_extractor(
+            [np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
+            padding="max_length", max_length=n_pad, truncation=True, return_attention_mask=True,
+            return_tensors="pt",
+        )
+        kwargs = {}
+        if getattr(self.feature_extractor, "return_attention_mask", False):
+            kwargs["attention_mask"] = inputs["attention_mask"].to(self.device)
+        with self._autocast(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
+            out = self.model(inputs["input_values"].to(self.device), output_hidden_states=True, **kwargs)
+        stacked = torch.stack([out.hidden_states[k] for k in self.layer_ids]).float().cpu().numpy()
+        lengths = [self.num_frames(min(len(c), n_pad)) for c in clips]
+        return [[stacked[k, i, :t] for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
+
+    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
+        clips = [c for c in clips if self.num_frames(len(c)) > 0][:8]
+        if not clips:
+            return {}
+        padded = self.common_pipeline(clips, pad_seconds)
+        solo = [self.encode([c])[0] for c in clips]
+        nl = len(self.layer_ids)
+        max_abs = [max(float(np.abs(p[k] - s[k]).max()) for p, s in zip(padded, solo)) for k in range(nl)]
+        mean_abs = [float(np.mean([np.abs(p[k] - s[k]).mean() for p, s in zip(padded, solo)])) for k in range(nl)]
+        return {
+            "clips": len(clips), "pad_seconds": pad_seconds,
+            "attention_mask": bool(getattr(self.feature_extractor, "return_attention_mask", False)),
+            "median_clip_seconds": float(np.median([len(c) for c in clips]) / self.sample_rate),
+            "layers": self.layer_ids, "max_abs": max_abs, "mean_abs": mean_abs,
+        }

@@ -1,0 +1,140 @@
+"""Model names -> encoders: short aliases, hub ids, local directories, acoustic front ends."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from featstore.encoders.base import Encoder
+
+#: short alias -> Hugging Face hub id
+ALIASES: dict[str, str] = {
+    "wavlm-base": "microsoft/wavlm-base",
+    "wavlm-base-plus": "microsoft/wavlm-base-plus",
+    "wavlm-large": "microsoft/wavlm-large",
+    "wav2vec2-base": "facebook/wav2vec2-base",
+    "wav2vec2-large": "facebook/wav2vec2-large-lv60",
+    "wav2vec2-xlsr-300m": "facebook/wav2vec2-xls-r-300m",
+    "hubert-base": "facebook/hubert-base-ls960",
+    "hubert-large": "facebook/hubert-large-ll60k",
+    "data2vec-audio-base": "facebook/data2vec-audio-base",
+    "data2vec-audio-large": "facebook/data2vec-audio-large",
+    "whisper-tiny": "openai/whisper-tiny",
+    "whisper-tiny.en": "openai/whisper-tiny.en",
+    "whisper-base": "openai/whisper-base",
+    "whisper-base.en": "openai/whisper-base.en",
+    "whisper-small": "openai/whisper-small",
+    "whisper-medium": "openai/whisper-medium",
+    "whisper-large-v3": "openai/whisper-large-v3",
+}
+#: front-end names (no weights); see featstore.encoders.frontends
+FRONTEND_NAMES = ("logmel", "mfcc", "spectral")
+SSL_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+
+
+class ModelNotAvailable(RuntimeError):
+    """The weights are neither a local directory nor in the local Hugging Face cache."""
+
+
+def resolve_alias(name: str) -> str:
+    """``wavlm-base-plus`` -> ``microsoft/wavlm-base-plus``; anything else unchanged."""
+    return ALIASES.get(name, name)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_pretrained(name: str) -> tuple[Path, str]:
+    """Find the weights of ``name`` (alias, hub id or directory): ``(local_dir, revision)``.
+
+    A directory is used as is (revision = content hash of its config and weights). A hub id is
+    looked up in the local Hugging Face cache first; only when it is absent and the hub is not
+    switched off (``HF_HUB_OFFLINE``) is a download tried. Failure raises :class:`ModelNotAvailable`
+    with instructions instead of a traceback.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotAvailable(f"{path} is a directory but holds no config.json (not a Hugging Face model)")
+        return path.resolve(), "sha256:" + content_hash(path)
+    if path.suffix or name.startswith((".", "/", "~")):
+        raise ModelNotAvailable(f"no model directory at {path}")
+    hub_id = resolve_alias(name)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        local = snapshot_download(hub_id, local_files_only=True, allow_patterns=patterns)
+    except Exception:  # noqa: BLE001 - any cache miss ends in the same advice
+        local = None
+        if not _offline():
+            try:
+                local = snapshot_download(hub_id, allow_patterns=patterns)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelNotAvailable(_advice(name, hub_id, f"download failed: {type(exc).__name__}")) from None
+        if local is None:
+            raise ModelNotAvailable(_advice(name, hub_id, "offline (HF_HUB_OFFLINE=1)")) from None
+    local = Path(local)
+    if not (local / "config.json").exists():
+        raise ModelNotAvailable(_advice(name, hub_id, "the cached snapshot holds no config.json"))
+    return local, local.name  # snapshots/<commit hash>
+
+
+def _advice(name: str, hub_id: str, why: str) -> str:
+    return (
+        f"model '{name}' ({hub_id}) is not in the local Hugging Face cache and cannot be fetched ({why}). "
+        f"On a machine with internet run:  huggingface-cli download {hub_id}  (it lands in "
+        f"~/.cache/huggingface/hub, or $HF_HOME), copy that cache here, or pass a local model directory "
+        f"made with save_pretrained: --model /path/to/dir"
+    )
+
+
+def content_hash(directory: Path) -> str:
+    """sha256 over config and weight files of a model directory (name + bytes), 16 hex digits."""
+    h = hashlib.sha256()
+    for f in sorted(directory.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_encoder(name: str, device: str = "auto", **options: Any) -> Encoder:
+    """Build the encoder for ``name``: a front end, an SSL model or a Whisper encoder.
+
+    ``options`` are passed to the encoder (e.g. ``context_seconds`` for Whisper, front-end settings).
+    """
+    device = pick_device(device)
+    if name in FRONTEND_NAMES:
+        from featstore.encoders.frontends import make_frontend
+
+        return make_frontend(name, **options)
+    local, revision = resolve_pretrained(name)
+    import json
+
+    model_type = json.loads((local / "config.json").read_text()).get("model_type", "")
+    if model_type == "whisper":
+        from featstore.encoders.whisper import WhisperEncoder
+
+        return WhisperEncoder(local, name=name, revision=revision, device=device, **options)
+    if model_type in SSL_MODEL_TYPES:
+        from featstore.encoders.hf_ssl import SSLEncoder
+
+        return SSLEncoder(local, name=name, revision=revision, device=device, **options)
+    raise ModelNotAvailable(
+        f"model '{name}' has model_type '{model_type}'; supported: {', '.join(SSL_MODEL_TYPES)}, whisper, "
+        f"or a front end ({', '.join(FRONTEND_NAMES)})"
+    )
+
+
+def pick_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
