@@ -90,22 +90,35 @@ def shard_rows(n_rows: int, shard: tuple[int, int] | None) -> list[int]:
     return list(range(k - 1, n_rows, n))
 
 
-def plan_batches(lengths: Sequence[int], batch_seconds: float, sample_rate: int, max_items: int = 512) -> list[list[int]]:
-    """Length-aware batches: sort by length, cut when ``len(batch) * longest`` exceeds the budget.
+def plan_batches(
+    lengths: Sequence[int],
+    batch_seconds: float,
+    sample_rate: int,
+    max_items: int = 512,
+    frames_of: Callable[[int], int] | None = None,
+    max_padding: float = 0.05,
+) -> list[list[int]]:
+    """Length-aware batches: sort by length, cut when ``len(batch) * longest`` exceeds the budget
+    or, given ``frames_of``, when padded frames would exceed ``max_padding`` of the batch's frames.
 
     Deterministic for given lengths (ties broken by position), so a resumed run re-creates the
     same batches.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     budget = max(1, int(batch_seconds * sample_rate))
+    frames = [frames_of(n) if frames_of else 0 for n in lengths]
     batches: list[list[int]] = []
     cur: list[int] = []
+    cur_frames = 0
     for i in order:
         longest = max(lengths[i], 1)
-        if cur and ((len(cur) + 1) * longest > budget or len(cur) >= max_items):
+        padded = (len(cur) + 1) * frames[i] - (cur_frames + frames[i])
+        too_padded = frames_of is not None and padded > max_padding * (len(cur) + 1) * max(frames[i], 1)
+        if cur and ((len(cur) + 1) * longest > budget or len(cur) >= max_items or too_padded):
             batches.append(cur)
-            cur = []
+            cur, cur_frames = [], 0
         cur.append(i)
+        cur_frames += frames[i]
     if cur:
         batches.append(cur)
     return batches
@@ -280,7 +293,7 @@ def extract(
             if dur is not None and crop_to_segment and r.start is not None:
                 dur = max(0.0, min(dur, r.end) - r.start)
             lengths.append(int(round((dur or 0.0) * encoder.sample_rate)))
-        batches = [b for b in plan_batches(lengths, batch_seconds, encoder.sample_rate) if any(j in pending for j in b)]
+        batches = [b for b in plan_batches(lengths, batch_seconds, encoder.sample_rate, frames_of=encoder.num_frames) if any(j in pending for j in b)]
         total_audio = sum(lengths[j] for b in batches for j in b if j in pending) / encoder.sample_rate
         _run_batches(writer, encoder, loader, rows, batches, pending, layer_ids, result, progress, console, total_audio, on_batch)
     except KeyboardInterrupt:

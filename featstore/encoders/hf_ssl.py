@@ -75,6 +75,10 @@ class SSLEncoder(Encoder):
         self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
         self.cnn_per_clip = getattr(cfg, "feat_extract_norm", "group") != "layer"
+        # data2vec-audio's positional embedding is a stack of convolutions: values at masked
+        # positions leak into real frames after the first one, so it only batches clips of equal
+        # frame count (no mask needed at all then).
+        self.mask_exact = cfg.model_type != "data2vec-audio"
         kernels, strides = list(cfg.conv_kernel), list(cfg.conv_stride)
         rf, jump = 1, 1
         for k, s in zip(kernels, strides):
@@ -94,6 +98,7 @@ class SSLEncoder(Encoder):
         self.extra_attrs: dict[str, Any] = {
             "feature_extractor_config": json.dumps(self.feature_extractor.to_dict(), sort_keys=True, default=str),
             "cnn_mode": "per-clip" if self.cnn_per_clip else "batched",
+            "transformer_batching": "masked" if self.mask_exact else "equal-length",
             "do_normalize": self.do_normalize,
         }
         if fe_note:
@@ -159,6 +164,19 @@ class SSLEncoder(Encoder):
         return list(out.hidden_states), lengths
 
     def encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        if not self.mask_exact:
+            groups: dict[int, list[int]] = {}
+            for i, c in enumerate(clips):
+                groups.setdefault(self.num_frames(len(c)), []).append(i)
+            if len(groups) > 1:
+                out: list[list[np.ndarray]] = [[] for _ in clips]
+                for idx in groups.values():
+                    for i, frames in zip(idx, self._encode([clips[i] for i in idx])):
+                        out[i] = frames
+                return out
+        return self._encode(clips)
+
+    def _encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
         hs, lengths = self.hidden_states(clips)
         stacked = torch.stack([hs[k] for k in self.layer_ids]).float().cpu().numpy()  # (L, B, T, D)
         return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
