@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Padding-exact frozen-feature store for speech models.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -160,6 +160,23 @@ def check(file: Path = typer.Argument(..., help="A store file.")) -> None:
             console.print(f"[red]✗[/] {p}")
         raise typer.Exit(1)
     Console().print(f"[green]✓[/] {file}: layout and invariants hold")
+
+
+@app.command()
+def merge(
+    shards: list[Path] = typer.Argument(..., help="Shard stores written with --shard K/N (all N of them)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged store."),
+) -> None:
+    """Join shard stores into one store, item for item equal to a single run."""
+    from featstore.merge import MergeError, merge_shards
+
+    if out.exists():
+        fail(f"{out} exists; remove it first")
+    try:
+        path = merge_shards(shards, out)
+    except (MergeError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    Console().print(f"[green]merged {len(shards)} shards -> {path}[/]")
 
 
 def main() -> None:
