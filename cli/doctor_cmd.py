@@ -1,0 +1,57 @@
+"""`probes doctor FILE`: run the expert's debugging order on a store (registered by the probes app)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+EXIT_USAGE = 2
+
+
+def _fail(console: Console, message: str) -> None:
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def doctor(
+    file: Path = typer.Argument(..., help="The store (.h5) to check."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="An acoustic store of the same items (e.g. log-Mel) to compare with in the layer profile."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for doctor.md, doctor.json and figures (default cache/doctor/<store name>/)."),
+    layers: str = typer.Option("all", "--layers", help="Layers to screen: all, 0-12, 0-3,6."),
+    n_permutations: int = typer.Option(100, "--n-permutations", help="Label shuffles for the shuffle control and the confound tests."),
+    cv: int = typer.Option(5, "--cv", help="Speaker-grouped folds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of folds, shuffles and probes."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Print each step as it starts."),
+) -> None:
+    """Check a store step by step (data, confounds, folds, overfit, shuffle control, padding, layers,
+    class weighting); exit 1 when a step fails."""
+    from probes.doctor import DoctorError, run_doctor, summary_table
+    from probes.sweep import SweepError, parse_layers
+
+    err = Console(stderr=True)
+    if not file.exists():
+        _fail(err, f"no store at {file}")
+    if baseline is not None and not baseline.exists():
+        _fail(err, f"no baseline store at {baseline}")
+    try:
+        layer_list = parse_layers(layers)
+    except SweepError as exc:
+        _fail(err, f"--layers: {exc}")
+    try:
+        report = run_doctor(file, baseline=baseline, out_dir=out, layers=layer_list, n_permutations=n_permutations,
+                            cv=cv, seed=seed, progress=progress)
+    except (DoctorError, FileNotFoundError, OSError, ValueError, KeyError) as exc:
+        if os.environ.get("PROBES_DEBUG"):
+            raise
+        _fail(err, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    out_console = Console() if Console().is_terminal else Console(width=160)
+    out_console.print(summary_table(report))
+    verdict = (f"[bold red]{len(report.failed)} step(s) failed[/]: " + ", ".join(s.name for s in report.failed)
+               if report.failed else "[green]no step failed[/]")
+    out_console.print(f"{verdict}; report: {report.out_dir / 'doctor.md'}", highlight=False)
+    raise typer.Exit(report.exit_code)
