@@ -175,6 +175,10 @@ class _Loader:
                 f"{n / clip.sample_rate:.3f} s ({n} samples at {clip.sample_rate} Hz) is shorter than one frame "
                 f"of this encoder ({need} samples)",
             )
+        limit = getattr(self.encoder, "max_samples", None)
+        if limit and n > limit:
+            return AudioError("too_long", f"{n / clip.sample_rate:.2f} s is longer than this encoder's window "
+                              f"({limit / clip.sample_rate:.2f} s); cut the clip or use segments with --crop-to-segment")
         if row.start is not None and not self.crop and row.start * clip.sample_rate >= n:
             return AudioError("bad_segment", f"segment starts at {row.start:.3f} s, after the clip ends ({n / clip.sample_rate:.3f} s)")
         return clip

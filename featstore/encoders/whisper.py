@@ -1,0 +1,293 @@
+"""Whisper encoders: every encoder hidden state, frame level, for the frames that cover the clip.
+
+Window semantics (recorded in the store as ``whisper_window_mode``, ``whisper_window_seconds`` and
+``whisper_context_seconds``):
+
+- ``"full-30s"`` (default): Whisper's own input. The clip is zero-padded to the 30-s window, the
+  log-Mel is computed and normalised over that window exactly as ``WhisperFeatureExtractor`` does
+  (log10, floor at max - 8, (x + 4) / 4), and the encoder runs on all 1500 positions. A clip's
+  features are therefore those of the clip alone in its window, whatever shares its batch.
+- ``"context"`` (``context_seconds=S``): the encoder runs on the first ``S`` seconds of that same
+  log-Mel (``S * 100`` Mel frames; the normalisation still uses the 30-s window's maximum, so the
+  Mel frames are an exact slice) with the positional embeddings sliced to the first ``S * 50``
+  positions, as whisper.cpp's audio context does. Much faster, but self-attention sees a shorter
+  window of silence, so the features differ from the 30-s run (:meth:`WhisperEncoder.padding_audit`
+  measures by how much).
+
+Clips longer than the window raise a ``ValueError`` (no silent truncation; the window bounds the
+clip length: :attr:`WhisperEncoder.max_samples`).
+
+Frame geometry (derived from the feature extractor and the conv stack, never hard-coded):
+
+- The log-Mel STFT is centred (``torch.stft(center=True)``, reflect padding of ``n_fft // 2``), so
+  Mel frame ``t`` is centred on sample ``t * hop`` (hop 160) and spans ``n_fft`` = 400 samples.
+- ``conv1`` (kernel 3, stride 1, padding 1) keeps the centres; ``conv2`` (kernel 3, stride 2,
+  padding 1) centres output ``j`` on Mel frame ``2 j``. Encoder frame ``j`` is thus centred on
+  sample ``320 j``: ``frame_stride_samples = 320``, ``first_frame_center_samples = 0``, and the conv
+  receptive field is 5 Mel frames = ``4 * 160 + 400 = 1040`` samples (self-attention is global).
+- Frame count: the frames whose centre lies inside the clip, ``ceil(num_samples / 320)``, i.e.
+  ``ceil(num_samples / hop)`` Mel frames passed through the conv length formula
+  ``floor((L + 2 p - k) / s) + 1``. This is the arithmetic of Hugging Face's own attention mask
+  (``feature_extractor(..., return_attention_mask=True)`` then ``_get_feat_extract_output_lengths``).
+  An empty clip has 0 frames; any non-empty clip has at least one.
+
+Hidden states follow ``WhisperEncoder(input_features, output_hidden_states=True).hidden_states``:
+``[embeddings (conv + positions), layer 1, ..., layer N-1, layer_norm(layer N)]`` — the final
+``layer_norm`` is applied to the last entry only, as in Hugging Face.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featstore.encoders.base import Encoder
+
+#: default upper bound on (clips x window positions) per forward pass: 16 full 30-s windows
+DEFAULT_MAX_BATCH_POSITIONS = 24_000
+
+
+class WhisperEncoder(Encoder):
+    """The encoder half of a Whisper checkpoint (Hugging Face format) as a feature store encoder.
+
+    Parameters
+    ----------
+    local_dir : directory with ``config.json``, weights and ``preprocessor_config.json``.
+    name, revision : provenance (what was asked for; commit or content hash).
+    device : torch device (``"cpu"``, ``"cuda"``...).
+    context_seconds : ``None`` for the full 30-s window, else the shortened window length in seconds
+        (a multiple of 0.02 s, at most the full window).
+    max_batch_positions : clips are run in chunks of at most this many window positions, so a batch
+        of many short clips does not allocate ``batch x 1500`` attention maps at once.
+    """
+
+    def __init__(
+        self,
+        local_dir: Path | str,
+        name: str | None = None,
+        revision: str = "",
+        device: str = "cpu",
+        context_seconds: float | None = None,
+        max_batch_positions: int = DEFAULT_MAX_BATCH_POSITIONS,
+    ) -> None:
+        import torch
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        local_dir = Path(local_dir)
+        self.name = str(local_dir) if name is None else name
+        self.revision = revision
+        self.device = device
+        if not (local_dir / "preprocessor_config.json").exists():
+            raise ValueError(f"{local_dir} holds no preprocessor_config.json (the Whisper feature extractor)")
+        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(local_dir)
+        model = WhisperModel.from_pretrained(local_dir, dtype=torch.float32)
+        self.encoder = model.get_encoder().eval().to(device)
+        del model
+        fe, enc = self.feature_extractor, self.encoder
+        self._hop, self._n_fft = int(fe.hop_length), int(fe.n_fft)
+        self._convs = [(c.kernel_size[0], c.stride[0], c.padding[0]) for c in (enc.conv1, enc.conv2)]
+
+        self.sample_rate = int(fe.sampling_rate)
+        conv_stride = math.prod(s for _, s, _ in self._convs)
+        self.frame_stride_samples = self._hop * conv_stride
+        rf_mel, jump, center = 1, 1, 0.0
+        for k, s, p in self._convs:
+            rf_mel += (k - 1) * jump
+            center += jump * ((k - 1) / 2 - p)
+            jump *= s
+        self.receptive_field_samples = (rf_mel - 1) * self._hop + self._n_fft
+        self.first_frame_center_samples = center * self._hop
+
+        cfg = enc.config
+        self.full_positions = int(cfg.max_source_positions)
+        full_seconds = self.full_positions * self.frame_stride_samples / self.sample_rate
+        if self.full_positions * self.frame_stride_samples != int(fe.n_samples):
+            raise ValueError(
+                f"model window ({self.full_positions} positions x {self.frame_stride_samples} samples) does not "
+                f"match the feature extractor's {fe.n_samples} samples"
+            )
+        self.context_seconds = _check_context(context_seconds, full_seconds, self.frame_stride_samples / self.sample_rate)
+        if self.context_seconds is None or self.context_seconds == full_seconds:
+            self.positions = self.full_positions
+            mode = "full-30s" if full_seconds == 30 else f"full-{full_seconds:g}s"
+        else:
+            self.positions = round(self.context_seconds * self.sample_rate / self.frame_stride_samples)
+            mode = "context"
+        if int(max_batch_positions) < 1:
+            raise ValueError(f"max_batch_positions must be >= 1, got {max_batch_positions}")
+        self.max_batch_positions = int(max_batch_positions)
+        self.max_samples = self.positions * self.frame_stride_samples
+        self.window_seconds = self.max_samples / self.sample_rate
+
+        self.layer_dims = [int(cfg.d_model)] * (int(cfg.encoder_layers) + 1)
+        self.padding_exact = True
+        fe_dict = {k: v for k, v in fe.to_dict().items() if k != "mel_filters"}
+        self.config = {
+            **cfg.to_dict(),
+            "feature_extractor": fe_dict,
+            "window_mode": mode,
+            "window_seconds": self.window_seconds,
+            "context_seconds": self.context_seconds,
+            "window_positions": self.positions,
+        }
+        self.extra_attrs = {
+            "whisper_window_mode": mode,
+            "whisper_window_seconds": self.window_seconds,
+            "whisper_context_seconds": self.context_seconds,
+        }
+        if float(fe.dither) != 0.0:
+            # dithering would make features random; the store holds deterministic features
+            self.extra_attrs["whisper_note"] = f"feature extractor dither={fe.dither} ignored (deterministic features)"
+        self._mel_filters = torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32)).to(device)
+        self._window_fn = torch.hann_window(self._n_fft, device=device)
+        #: running totals of :meth:`encode`: clips, stored (clip) frames, window positions that were
+        #: padding (computed but not stored) — Whisper's cost is per window, not per audio second
+        self.stats = {"clips": 0, "frames": 0, "padded_frames": 0}
+
+    # ------------------------------------------------------------------ geometry
+    def num_frames(self, num_samples: int) -> int:
+        """``ceil(num_samples / 320)``: the encoder frames whose centre lies inside the clip."""
+        length = -(-int(num_samples) // self._hop) if num_samples > 0 else 0
+        for k, s, p in self._convs:
+            length = max(0, (length + 2 * p - k) // s + 1)
+        return length
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        """Per clip, one ``(num_frames, d_model)`` float32 array per hidden state."""
+        out = self._encode(clips, self.positions)
+        frames = sum(len(o[0]) for o in out)
+        self.stats["clips"] += len(out)
+        self.stats["frames"] += frames
+        self.stats["padded_frames"] += len(out) * self.positions - frames
+        return out
+
+    def _encode(self, clips: Sequence[np.ndarray], positions: int) -> list[list[np.ndarray]]:
+        import torch
+
+        clips = [np.asarray(c, dtype=np.float32) for c in clips]
+        limit = positions * self.frame_stride_samples
+        for i, c in enumerate(clips):
+            if c.ndim != 1:
+                raise ValueError(f"clip {i}: expected a 1-D mono signal, got shape {c.shape}")
+            if len(c) > limit:
+                raise ValueError(
+                    f"clip {i} has {len(c)} samples ({len(c) / self.sample_rate:.2f} s), longer than the Whisper "
+                    f"window of {limit / self.sample_rate:g} s; "
+                    + ("raise context_seconds or cut the clip" if positions < self.full_positions else "cut the clip")
+                )
+        chunk = max(1, self.max_batch_positions // positions)
+        out: list[list[np.ndarray]] = []
+        with torch.inference_mode():
+            for start in range(0, len(clips), chunk):
+                part = clips[start : start + chunk]
+                counts = [self.num_frames(len(c)) for c in part]
+                keep = max(counts, default=0)
+                states = self._forward(self.log_mel(part, positions), keep)
+                arrays = [s.float().cpu().numpy() for s in states]
+                for b, n in enumerate(counts):
+                    out.append([np.ascontiguousarray(a[b, :n]) for a in arrays])
+        return out
+
+    def log_mel(self, clips: Sequence[np.ndarray], positions: int | None = None):
+        """Log-Mel input of shape ``(batch, n_mels, 2 * positions)`` as a torch tensor on the device.
+
+        Equal to the first ``2 * positions`` frames of ``WhisperFeatureExtractor`` applied to the clip
+        (zero-padded to 30 s), computed over a shortened signal when the window is shorter: Mel
+        frames beyond it that touch no clip sample hold only zeros, whose log is ``log10(1e-10)``,
+        so the 30-s window's maximum is known without computing them.
+        """
+        import torch
+
+        positions = self.positions if positions is None else positions
+        hop, n_fft = self._hop, self._n_fft
+        n_mel = positions * math.prod(s for _, s, _ in self._convs)
+        full = self.full_positions * self.frame_stride_samples
+        # enough signal that every Mel frame touching a clip sample is computed without end effects
+        length = min(full, n_mel * hop + n_fft + 2 * hop)
+        wave = np.zeros((len(clips), length), dtype=np.float32)
+        for i, c in enumerate(clips):
+            wave[i, : len(c)] = c
+        wave_t = torch.from_numpy(wave).to(self.device)
+        stft = torch.stft(wave_t, n_fft, hop, window=self._window_fn, return_complex=True)
+        power = (stft[..., :-1].abs() ** 2).contiguous()
+        log_spec = torch.clamp(self._mel_filters.T @ power, min=1e-10).log10()
+        if length < full:
+            valid = (length - n_fft // 2) // hop + 1  # frames whose STFT window ends inside the signal
+            silence = torch.tensor(1e-10, dtype=torch.float32, device=self.device).log10()
+            top = torch.maximum(log_spec[..., :valid].amax(dim=(1, 2), keepdim=True), silence)
+        else:
+            top = log_spec.amax(dim=(1, 2), keepdim=True)
+        log_spec = torch.maximum(log_spec, top - 8.0)
+        return ((log_spec + 4.0) / 4.0)[..., :n_mel]
+
+    def _forward(self, mel, keep: int) -> list:
+        """Hidden states on a (possibly shortened) window, each cut to its first ``keep`` frames.
+
+        Same modules and order as ``transformers``' ``WhisperEncoder.forward``, with the positional
+        embeddings sliced to the window length.
+        """
+        import torch.nn.functional as F
+
+        enc = self.encoder
+        x = F.gelu(enc.conv1(mel))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        states = [x[:, :keep]]
+        for layer in enc.layers:
+            x = layer(x, None)
+            states.append(x[:, :keep])
+        states[-1] = enc.layer_norm(x)[:, :keep]
+        return states
+
+    # ------------------------------------------------------------------ audit
+    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
+        """How far the shortened window moves the clip's frames, per layer, vs the full 30-s run.
+
+        Returns ``{"reference": "full-30s", "context_seconds", "clips", "frames", "max_abs",
+        "mean_abs", "mean_cosine"}`` (lists per layer; cosine averaged over frames), or ``{}`` in
+        full-window mode: there the 30-s zero padding *is* Whisper's input, and zero-padding a clip
+        to ``pad_seconds`` first changes nothing (the padded clip has the same 30-s window).
+        """
+        if self.positions == self.full_positions:
+            return {}
+        clips = [c for c in clips if 0 < len(c) <= self.max_samples]
+        if not clips:
+            return {}
+        ctx = self._encode(clips, self.positions)
+        ref = self._encode(clips, self.full_positions)
+        max_abs, mean_abs, cosine = [], [], []
+        for k in range(self.num_layers):
+            a = np.concatenate([c[k] for c in ctx]).astype(np.float64)
+            b = np.concatenate([r[k] for r in ref]).astype(np.float64)
+            diff = np.abs(a - b)
+            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            max_abs.append(float(diff.max()))
+            mean_abs.append(float(diff.mean()))
+            cosine.append(float(cos.mean()))
+        return {
+            "reference": "full-30s",
+            "context_seconds": self.context_seconds,
+            "clips": len(clips),
+            "frames": int(sum(len(c[0]) for c in ctx)),
+            "max_abs": max_abs,
+            "mean_abs": mean_abs,
+            "mean_cosine": cosine,
+        }
+
+
+def _check_context(value: float | None, full_seconds: float, step: float) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"context_seconds must be a number of seconds, got {value!r}") from None
+    if not (0 < seconds <= full_seconds):
+        raise ValueError(f"context_seconds must be in (0, {full_seconds:g}], got {value!r}")
+    positions = round(seconds / step)
+    if positions < 1 or abs(positions * step - seconds) > 1e-6:
+        raise ValueError(f"context_seconds must be a multiple of {step:g} s (one encoder frame), got {value!r}")
+    return round(positions * step, 6)
