@@ -179,6 +179,77 @@ def merge(
     Console().print(f"[green]merged {len(shards)} shards -> {path}[/]")
 
 
+def _cached_ssl_models() -> list[str]:
+    """Aliases of SSL models already in the local Hugging Face cache (nothing is downloaded)."""
+    import os
+
+    from featstore.encoders.registry import ALIASES, ModelNotAvailable, resolve_pretrained
+
+    found = []
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        for alias in ALIASES:
+            if alias.startswith("whisper"):
+                continue
+            try:
+                resolve_pretrained(alias)
+                found.append(alias)
+            except ModelNotAvailable:
+                pass
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    return found
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("cache/demo"), help="Where the data, stores and sweep go."),
+    n_speakers: int = typer.Option(40, help="Synthetic speakers (children), one label each."),
+    clips_per_speaker: int = typer.Option(25, help="Clips per speaker."),
+    models: Optional[str] = typer.Option(None, help="Extra models to extract (comma-separated aliases/dirs); default: SSL models found in the local HF cache."),
+    n_jobs: int = typer.Option(-1, help="Parallel sweep workers."),
+) -> None:
+    """The main job on the embedded default: a synthetic sibilant set (Normal / Lateral /
+    Interdental inside word-length clips) -> acoustic front ends (+ any pretrained SSL model in the
+    local HF cache) -> speaker-grouped probe sweep, segment vs whole-clip pooling -> report."""
+    from featstore.extract import extract as run
+    from featstore.synthetic import make_sibilant_set
+    from probes.report import write_report
+    from probes.sweep import run_sweep
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "data" / "manifest.csv"
+    if not manifest.exists():
+        console.print(f"[bold]1/3[/] synthetic sibilant set: {n_speakers} speakers x {clips_per_speaker} clips -> {manifest.parent}")
+        make_sibilant_set(out / "data", n_speakers=n_speakers, clips_per_speaker=clips_per_speaker, context=True)
+    names = ["logmel", "mfcc", "spectral"]
+    extra = [m for m in models.split(",")] if models else _cached_ssl_models()
+    if not extra:
+        console.print("[dim]no pretrained SSL model in the local Hugging Face cache: acoustic front ends only "
+                      "(random weights are never used for findings)[/]")
+    stores = []
+    for name in names + extra:
+        console.print(f"[bold]2/3[/] extract {name}")
+        res = run(manifest, name, out / "stores" / f"{Path(name).name}.h5", console=console)
+        stores.append(res.path)
+    for scope in ("segment", "clip"):
+        console.print(f"[bold]3/3[/] probe sweep, pooling over the {'sibilant segment' if scope == 'segment' else 'whole clip'}")
+        sweep_dir = out / f"sweep-{scope}"
+        run_sweep(stores, scope=scope, poolings=("mean", "stats"), probes=("logreg",),
+                  class_weights=("none", "balanced"), cv=5, n_jobs=n_jobs, out_dir=sweep_dir)
+        write_report(sweep_dir)
+    Console().print(f"[green]done[/]: stores in {out / 'stores'}, reports in {out}/sweep-segment/report.md and {out}/sweep-clip/report.md")
+
+
+from cli.finetune_cmd import finetune  # noqa: E402 - command module registers on this app
+
+app.command("finetune")(finetune)
+
+
 def main() -> None:
     app()
 

@@ -178,6 +178,13 @@ def predict(
         console.print(f"wrote {out}: {len(df)} items; " + ", ".join(f"{k} {v}" for k, v in counts.items()), highlight=False)
 
 
+from cli.analyze_cmd import analyze  # noqa: E402 - command modules register on this app
+from cli.doctor_cmd import doctor  # noqa: E402
+
+app.command("doctor")(doctor)
+app.command("analyze")(analyze)
+
+
 def main() -> None:
     app()
 

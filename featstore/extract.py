@@ -408,3 +408,11 @@ def _collect(writer: StoreWriter, result: ExtractResult) -> None:
     result.failures = [(i, s, e) for i, s, e in zip(ids, status, error) if s != OK]
     result.notes = [(i, n) for i, n, s in zip(ids, note, status) if n and s == OK]
     result.items = len(ids)
+
+
+def extract_for_predict(manifest: str | Path, model: str, out: str | Path | None = None, **options: Any) -> Path:
+    """Extract a manifest of new clips for ``probes predict`` (into ``cache/predict/`` by default)."""
+    if out is None:
+        out = DEFAULT_CACHE / "predict" / default_out(model, manifest).name
+    res = extract(manifest, model, out, **options)
+    return res.path

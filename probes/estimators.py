@@ -222,7 +222,7 @@ class XGBProbe(_ProbeBase):
     (``subsample``) and feature subsampling per tree (``colsample_bytree``).
     """
 
-    def __init__(self, n_estimators: int = 200, max_depth: int = 4, learning_rate: float = 0.1,
+    def __init__(self, n_estimators: int = 100, max_depth: int = 4, learning_rate: float = 0.1,
                  class_weight: str | None = None, n_jobs: int = 1, random_state: int = 0,
                  max_bin: int = 16, subsample: float = 0.8, colsample_bytree: float = 0.3):
         self.n_estimators = n_estimators

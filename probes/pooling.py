@@ -214,10 +214,15 @@ def _check_rows_have_frames(store: Store, rows: np.ndarray, starts: np.ndarray, 
 
 
 def _check_layer(store: Store, layer: int) -> int:
-    nl = store.num_layers
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -nl <= layer < nl:
-        raise ValueError(f"layer {layer!r} does not exist: the store has layers 0..{nl - 1}")
-    return int(layer) % nl
+    """A stored layer's model index (``layers/NN``); negative values count from the last one."""
+    ids = store.layer_ids
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not (layer in ids or -len(ids) <= layer < 0):
+        raise ValueError(f"layer {layer!r} does not exist: the store has layers {_fmt_ids(ids)}")
+    return int(layer) if layer >= 0 else ids[layer]
+
+
+def _fmt_ids(ids: list[int]) -> str:
+    return f"0..{ids[-1]}" if ids == list(range(len(ids))) else ", ".join(map(str, ids))
 
 
 def _read_block(store: Store, layer: int, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, int]:
@@ -321,7 +326,7 @@ def all_layers_matrix(
 
     Input of the weighted-layers probe; the layers must have equal widths.
     """
-    layers = list(range(store.num_layers)) if layers is None else [_check_layer(store, k) for k in layers]
+    layers = list(store.layer_ids) if layers is None else [_check_layer(store, k) for k in layers]
     if not layers:
         raise ValueError("layers is empty")
     dims = {store.layer_dim(k) for k in layers}
