@@ -121,7 +121,9 @@ def test_cross_val_score_without_pipeline(data):
 @pytest.mark.parametrize("name", PROBES)
 def test_above_chance_on_informative_layer_and_chance_on_noise(data, name):
     score, _ = holdout_score(data, name, 2)
-    assert score > (0.65 if name == "attn-mlp" else 0.8), score  # attn-mlp must find the cue frames itself
+    # attn-mlp must find the cue frames itself; 100 boosted trees on 200 items x 16 dims fit a linear
+    # cue less well than the linear probes (0.74 here); chance is 0.33
+    assert score > {"attn-mlp": 0.65, "xgb": 0.7}.get(name, 0.8), score
     if name != "weighted-layers":  # it sees all layers
         noise, _ = holdout_score(data, name, 0)
         assert noise < 0.5, noise  # chance = 1/3
