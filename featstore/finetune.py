@@ -409,7 +409,7 @@ def _progress(console: Any, enabled: bool):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
-                    console=console, disable=not enabled, transient=True)
+                    console=console, disable=not (enabled and console.is_terminal), transient=True)
 
 
 def finetune(
@@ -552,7 +552,7 @@ def finetune(
     y_t = torch.from_numpy(y_all)
     bb = _Backbone(encoder, train_cnn=bool(groups["cnn"]), amp=amp)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    timing: dict[str, Any] = {"epoch_seconds": []}
+    timing: dict[str, Any] = {"epoch_seconds": [], "epoch_cpu_seconds": []}
 
     def summaries(idx: list[int]) -> dict[int, torch.Tensor]:
         backbone_model.eval()
@@ -593,7 +593,8 @@ def finetune(
             for s in range(0, len(perm), batch_size):
                 yield perm[s:s + batch_size]
 
-    opt = torch.optim.AdamW([{"params": head_params, "lr": lr_head, "weight_decay": weight_decay, "name": "head"}])
+    # the fused AdamW kernel: ~5x faster than the for-each one on CPU for a base model's top layers
+    opt = torch.optim.AdamW([{"params": head_params, "lr": lr_head, "weight_decay": weight_decay, "name": "head"}], fused=True)
     history: list[dict[str, Any]] = []
     head_losses: list[float] = []
     best: dict[str, Any] = {"epoch": -1, "val_balanced_accuracy": -1.0, "val_loss": float("inf")}
@@ -653,7 +654,7 @@ def finetune(
         all_params = head_params + [p for _, p in back_train]
         since_best = 0
         for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             head.train()
             backbone_model.eval()
             for i in range(cfg.num_hidden_layers - n_top_layers, cfg.num_hidden_layers):
@@ -685,6 +686,7 @@ def finetune(
             history.append(record)
             seconds = time.perf_counter() - t0
             timing["epoch_seconds"].append(round(seconds, 3))
+            timing["epoch_cpu_seconds"].append(round(time.process_time() - c0, 3))
             is_best = consider(record)
             report(record, seconds, is_best)
             since_best = 0 if is_best else since_best + 1
