@@ -55,22 +55,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="number of clips")
     ap.add_argument("--model", default=None, help="model directory (default: a random-weight base WavLM)")
     ap.add_argument("--batch-seconds", type=float, default=60.0)
+    ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     ap.add_argument("--solo-check", type=int, default=16, help="clips compared against solo runs")
     args = ap.parse_args()
 
     from featstore.encoders.hf_ssl import SSLEncoder
+    from featstore.encoders.registry import pick_device
     from featstore.extract import extract
 
     tmp = Path(tempfile.mkdtemp(prefix="extract_bench_"))
     (tmp / "wav").mkdir()
     manifest = make_clips(tmp / "wav", args.n)
     model_dir = Path(args.model) if args.model else base_wavlm(tmp / "wavlm-base")
-    enc = SSLEncoder(model_dir)
+    device = pick_device(args.device)
+    enc = SSLEncoder(model_dir, device=device)
     clips = [sf.read(str(tmp / "wav" / f"c{i:05d}.wav"), dtype="float32")[0] for i in range(args.n)]
     audio_s = sum(len(c) for c in clips) / 16000
     true_frames = sum(enc.num_frames(len(c)) for c in clips)
     print(f"{args.n} clips, {audio_s:.1f} s of audio, median {np.median([len(c) for c in clips]) / 16000:.3f} s; "
-          f"model {model_dir.name}, torch threads {torch.get_num_threads()}")
+          f"model {model_dir.name}, device {device}, torch threads {torch.get_num_threads()}")
 
     # (a) the common pipeline
     t = time.perf_counter()
