@@ -9,7 +9,7 @@ frozen backbone, head-only phase) and the seconds per phase-2 epoch (training fo
 linearly to 1,000. The machine load (``uptime``) is printed beside the figures.
 
     python bench/finetune_bench.py --n 1000
-    python bench/finetune_bench.py --n 200 --threads 2
+    python bench/finetune_bench.py --n 200 --threads 1   # a busy machine: 1 thread can be much faster
 """
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ def main() -> None:
     from featstore.finetune import finetune
     from featstore.synthetic import make_sibilant_set
 
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n_speakers = max(8, round(args.n / 25))  # >= 8: every class on both sides of the split
@@ -69,12 +68,12 @@ def main() -> None:
         model = args.model or str(base_wavlm(tmp / "wavlm-base"))
         n = n_speakers * 25
         print(f"{n} clips ({n_speakers} speakers), model {'WavLMConfig() base, random weights' if not args.model else model}, "
-              f"unfreeze top {args.unfreeze_top}, batch {args.batch_size}, {torch.get_num_threads()} thread(s)")
+              f"unfreeze top {args.unfreeze_top}, batch {args.batch_size}, {args.threads} thread(s)")
         print(f"before: {load()}")
         t0 = time.perf_counter()
         res = finetune(model, manifest, tmp / "run", unfreeze_top=args.unfreeze_top, head_only_steps=args.head_only_steps,
                        epochs=args.epochs, batch_size=args.batch_size, pooling=args.pooling, device="cpu", progress=False,
-                       patience=max(args.epochs, 1), console=Console(file=io.StringIO()))
+                       patience=max(args.epochs, 1), threads=args.threads, console=Console(file=io.StringIO()))
         wall = time.perf_counter() - t0
         timing = json.loads(res.log_path.read_text())["timing"]
     after = load()
