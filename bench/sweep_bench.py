@@ -29,8 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featstore.fakestore import write_fake_store  # noqa: E402
 
 
-def plain_sklearn_bacc(store_path: Path, row: dict, cv: int, seed: int) -> tuple[float, np.ndarray]:
-    """Mean balanced accuracy of StandardScaler + LogisticRegression on the same features/folds."""
+def plain_sklearn_bacc(store_path: Path, row: dict, cv: int, seed: int,
+                       dtype: type = np.float32) -> tuple[float, np.ndarray]:
+    """Mean balanced accuracy of StandardScaler + LogisticRegression on the same features/folds.
+
+    The store's pooled vectors are float32 (what a user reads); ``dtype=np.float64`` repeats the
+    fit in the probe's own precision, which tells rounding apart from a real difference.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_validate
     from sklearn.pipeline import make_pipeline
@@ -43,7 +48,7 @@ def plain_sklearn_bacc(store_path: Path, row: dict, cv: int, seed: int) -> tuple
     with featstore.open(store_path) as st:
         labels = np.array([str(v).strip() for v in st.column("label")], dtype=object)
         rows = np.flatnonzero((st.column("status") == "ok") & (st.column("num_frames") > 0) & (labels != ""))
-        x = pooled_matrix(st, int(row["layer"]), row["pooling"], row["scope"], rows, cache=False)
+        x = pooled_matrix(st, int(row["layer"]), row["pooling"], row["scope"], rows, cache=False).astype(dtype)
         y = labels[rows].astype(str)
         groups = st.column("group")[rows]
     folds = make_folds(y, groups, cv, seed)
@@ -125,6 +130,10 @@ def main() -> None:
     print(f"best logreg: {lr['config']}: sweep {lr['balanced_accuracy_mean']:.4f}, plain sklearn cross_validate "
           f"{plain:.4f} ({time.perf_counter() - t0:.1f} s); difference {diff:.3f} points "
           f"({'OK' if diff < 0.5 else 'FAIL'}: must be < 0.5); per fold max |diff| {np.abs(ours - per_fold).max():.2e}")
+    plain64, per_fold64 = plain_sklearn_bacc(store, lr.to_dict(), args.cv, 0, dtype=np.float64)
+    print(f"  same in float64 (the probe's precision): {plain64:.4f}, difference "
+          f"{100 * abs(plain64 - lr['balanced_accuracy_mean']):.3f} points; per fold max |diff| "
+          f"{np.abs(ours - per_fold64).max():.2e}")
     best = res.best
     print(f"nested-CV headline {best['nested_bacc']:.3f}, naive best {best['naive_best']['balanced_accuracy_mean']:.3f}, "
           f"majority {lr['majority_bacc']:.3f}, chance {lr['chance_bacc']:.3f}")
