@@ -107,6 +107,28 @@ def main() -> None:
     print(f"| common: pad to 1.0 s, batch 8, full model | {t_pad:.1f} | {audio_s / t_pad:.2f} | {100 * pad_frac:.1f} % | {d_pad:.3g} |")
     print(f"| featstore extract (HDF5 written) | {t_ours:.1f} | {audio_s / t_ours:.2f} | {100 * res.padded_fraction:.1f} % | {d_ours:.3g} |")
     print(f"\nspeed-up (true-audio throughput): {t_pad / t_ours:.2f}x; items ok {res.ok}/{args.n}")
+    if enc.group_norm_cnn:
+        t_clip, t_batch = cnn_timing(enc, clips)
+        print(f"group-norm CNN alone: one clip at a time {t_clip:.1f} s; featstore's masked batches of "
+              f"{enc.cnn_chunk} length-sorted clips {t_batch:.1f} s ({t_clip / t_batch:.2f}x)")
+
+
+@torch.inference_mode()
+def cnn_timing(enc, clips: list[np.ndarray]) -> tuple[float, float]:
+    """Wall seconds of the CNN over all clips one by one, and in featstore's masked length-sorted chunks."""
+    from featstore.encoders.hf_ssl import masked_group_norm_cnn
+
+    fe, dev = enc.model.feature_extractor, enc.device
+    xs = [torch.from_numpy(enc.preprocess(c)).to(dev) for c in clips]
+    t = time.perf_counter()
+    for x in xs:
+        fe(x[None])
+    t_clip = time.perf_counter() - t
+    xs.sort(key=len)
+    t = time.perf_counter()
+    for b in range(0, len(xs), enc.cnn_chunk):
+        masked_group_norm_cnn(fe, xs[b : b + enc.cnn_chunk])
+    return t_clip, time.perf_counter() - t
 
 
 if __name__ == "__main__":

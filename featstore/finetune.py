@@ -348,23 +348,34 @@ class _Backbone:
 
     @torch.no_grad()
     def fill_cnn_cache(self, items: list[_Item], idx: Sequence[int]) -> None:
+        """CNN frames of the frozen feature encoder, computed once (length-sorted batches)."""
+        todo = sorted({i for i in idx if i not in self.cnn_cache}, key=lambda i: len(items[i].x))
+        step = self.enc.cnn_chunk
+        for b in range(0, len(todo), step):
+            chunk = todo[b : b + step]
+            for i, f in zip(chunk, self._cnn_forward(items, chunk)):
+                self.cnn_cache[i] = f.float()
+
+    def _cnn_forward(self, items: list[_Item], batch: list[int]) -> list[torch.Tensor]:
+        """Each clip's ``(C, frames)`` CNN output, exact as if run alone (padding-exact rules)."""
+        from featstore.encoders.hf_ssl import masked_group_norm_cnn
+
         fe = self.model.feature_extractor
-        for i in idx:
-            if i not in self.cnn_cache:
-                x = torch.from_numpy(items[i].x)[None].to(self.device)
-                self.cnn_cache[i] = fe(x)[0, :, : items[i].frames].float()
+        if self.enc.cnn_per_clip:
+            return [fe(torch.from_numpy(items[i].x)[None].to(self.device))[0, :, : items[i].frames] for i in batch]
+        if self.enc.group_norm_cnn:
+            out, _ = masked_group_norm_cnn(fe, [torch.from_numpy(items[i].x).to(self.device) for i in batch])
+        else:
+            n_max = max(len(items[i].x) for i in batch)
+            wave = torch.stack([F.pad(torch.from_numpy(items[i].x), (0, n_max - len(items[i].x))) for i in batch])
+            out = fe(wave.to(self.device))
+        return [out[k, :, : items[i].frames] for k, i in enumerate(batch)]
 
     def _cnn(self, items: list[_Item], batch: list[int]) -> list[torch.Tensor]:
         if not self.train_cnn:
             self.fill_cnn_cache(items, batch)
             return [self.cnn_cache[i] for i in batch]
-        fe = self.model.feature_extractor
-        if self.enc.cnn_per_clip:
-            return [fe(torch.from_numpy(items[i].x)[None].to(self.device))[0, :, : items[i].frames] for i in batch]
-        n_max = max(len(items[i].x) for i in batch)
-        wave = torch.stack([F.pad(torch.from_numpy(items[i].x), (0, n_max - len(items[i].x))) for i in batch]).to(self.device)
-        out = fe(wave)
-        return [out[k, :, : items[i].frames] for k, i in enumerate(batch)]
+        return self._cnn_forward(items, batch)
 
     def hidden_states(self, items: list[_Item], batch: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``hidden_states`` of a batch (with gradients where parameters need them) and the bool

@@ -59,6 +59,37 @@ def test_batched_equals_solo(tiny_models, clip_set, tmp_path, kind):
     assert featstore.check_store(res.path) == []
 
 
+@pytest.mark.parametrize("kind", ["wavlm", "wav2vec2", "hubert"])
+def test_masked_group_norm_cnn_equals_each_clip_alone(tiny_models, kind):
+    from featstore.encoders.hf_ssl import group_norm_batchable, masked_group_norm_cnn
+
+    enc = SSLEncoder(tiny_models[kind])
+    fe = enc.model.feature_extractor
+    assert enc.group_norm_cnn and group_norm_batchable(fe) and not enc.cnn_per_clip
+    assert enc.extra_attrs["cnn_mode"] == "batched, masked group norm"
+    rng = np.random.default_rng(3)
+    sizes = [16000, 400, 719, 1040, 4000]  # one batch, up to 40x padding
+    waves = [torch.from_numpy(rng.normal(size=n).astype(np.float32)) for n in sizes]
+    with torch.no_grad():
+        out, counts = masked_group_norm_cnn(fe, waves)
+        assert counts == [conv_formula(n) for n in sizes] == [49, 1, 1, 3, 12]
+        assert out.shape == (5, fe.conv_layers[-1].conv.out_channels, 49)
+        for i, w in enumerate(waves):
+            solo = fe(w[None])[0]
+            assert solo.shape[-1] == counts[i]
+            assert torch.allclose(out[i, :, : counts[i]], solo, atol=1e-5, rtol=1e-5)
+            assert torch.count_nonzero(out[i, :, counts[i] :]) == 0
+        # the plain batched CNN (what a padded pipeline runs) is far off for the short clips
+        naive = fe(torch.nn.utils.rnn.pad_sequence(waves, batch_first=True))
+        assert (naive[1, :, :1] - fe(waves[1][None])[0]).abs().max() > 0.1
+
+
+def test_layer_norm_cnn_is_batched_plainly(tiny_models):
+    enc = SSLEncoder(tiny_models["wav2vec2-layer"])
+    assert not enc.group_norm_cnn and not enc.cnn_per_clip
+    assert enc.extra_attrs["cnn_mode"] == "batched"
+
+
 def test_padding_audit_shows_group_norm_damage(tiny_models, clip_set, tmp_path):
     group = extract(clip_set, str(tiny_models["wavlm"]), tmp_path / "g.h5", progress=False)
     layer = extract(clip_set, str(tiny_models["wav2vec2-layer"]), tmp_path / "l.h5", progress=False)

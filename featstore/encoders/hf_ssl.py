@@ -1,9 +1,9 @@
 """Hugging Face speech SSL models (wav2vec2, HuBERT, WavLM, data2vec-audio), padding-exact.
 
 How batches stay exact: each clip is normalised over its own samples (as the checkpoint's feature
-extractor says), the CNN feature encoder sees each clip *unpadded* (group-norm checkpoints
-normalise every channel over time, so padding would change every frame) — or, for layer-norm
-checkpoints, a padded batch whose valid frames depend only on real samples — and the transformer
+extractor says), the CNN feature encoder runs on padded chunks whose valid frames depend only on
+real samples — for group-norm checkpoints, which normalise every channel over time, with that norm
+taken over each clip's own valid conv outputs (:func:`masked_group_norm_cnn`) — and the transformer
 runs batched with a frame mask. The model's own forward is used throughout: its feature encoder is
 swapped for a module that hands over the precomputed frames, so ``hidden_states`` are exactly what
 the model returns.
@@ -32,6 +32,57 @@ class _Precomputed(nn.Module):
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         return self.features
+
+
+def _conv_lengths(lengths: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    return torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+
+
+def group_norm_batchable(feature_encoder: nn.Module) -> bool:
+    """Whether the CNN is the wav2vec2 group-norm kind that :func:`masked_group_norm_cnn` handles:
+    conv -> GroupNorm(groups == channels) -> activation, then conv -> activation layers."""
+    layers = list(getattr(feature_encoder, "conv_layers", []))
+    if not layers or not all(hasattr(m, "conv") and hasattr(m, "activation") for m in layers):
+        return False
+    gn = getattr(layers[0], "layer_norm", None)
+    return (isinstance(gn, nn.GroupNorm) and gn.num_groups == gn.num_channels
+            and all(not hasattr(m, "layer_norm") for m in layers[1:]))
+
+
+def masked_group_norm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The group-norm CNN over a padded batch, exact per clip: ``(B, C, T_max)`` and frame counts.
+
+    The first layer's GroupNorm (one group per channel) normalises each channel over time, so
+    padding would move every frame; here each clip's mean and variance are taken over its own
+    valid conv outputs only. The later layers are plain convolutions, whose valid outputs depend
+    only on valid inputs. Frames beyond a clip's count are zero. Equal to running each clip alone
+    up to float rounding (~1e-6).
+    """
+    layers = list(feature_encoder.conv_layers)
+    device = waves[0].device
+    lengths = torch.tensor([len(w) for w in waves], device=device)
+    h = torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True)[:, None]
+    for i, layer in enumerate(layers):
+        h = layer.conv(h)
+        lengths = _conv_lengths(lengths, layer.conv)
+        if i == 0:
+            gn = layer.layer_norm
+            h = h.float()  # statistics in float32 under autocast too, as torch's GroupNorm does
+            valid = (torch.arange(h.shape[-1], device=device)[None] < lengths[:, None])[:, None].to(h.dtype)
+            count = lengths.clamp(min=1).to(h.dtype)[:, None, None]
+            mean = (h * valid).sum(-1, keepdim=True) / count
+            dev = (h - mean) * valid  # two-pass variance: no cancellation when |mean| >> std
+            var = torch.linalg.vector_norm(dev, dim=-1, keepdim=True).square() / count
+            scale = torch.rsqrt(var + gn.eps)
+            if gn.affine:
+                scale = scale * gn.weight.float()[None, :, None]
+                h = torch.addcmul(gn.bias.float()[None, :, None] - mean * scale, h, scale)
+            else:
+                h = torch.addcmul(-mean * scale, h, scale)
+        h = layer.activation(h)
+    counts = [int(t) for t in lengths.clamp(min=0).tolist()]
+    valid = torch.arange(h.shape[-1], device=device)[None] < lengths[:, None]
+    return h * valid[:, None].to(h.dtype), counts
 
 
 @contextmanager
@@ -74,7 +125,10 @@ class SSLEncoder(Encoder):
             fe_note = "no preprocessor_config.json: Wav2Vec2FeatureExtractor defaults used"
         self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
-        self.cnn_per_clip = getattr(cfg, "feat_extract_norm", "group") != "layer"
+        self.group_norm_cnn = getattr(cfg, "feat_extract_norm", "group") != "layer"
+        # group-norm CNNs run batched with a masked norm when their layout is the known one,
+        # otherwise one clip at a time
+        self.cnn_per_clip = self.group_norm_cnn and not group_norm_batchable(self.model.feature_extractor)
         # data2vec-audio's positional embedding is a stack of convolutions: values at masked
         # positions leak into real frames after the first one, so it only batches clips of equal
         # frame count (no mask needed at all then).
@@ -97,7 +151,8 @@ class SSLEncoder(Encoder):
         self.config = cfg.to_dict()
         self.extra_attrs: dict[str, Any] = {
             "feature_extractor_config": json.dumps(self.feature_extractor.to_dict(), sort_keys=True, default=str),
-            "cnn_mode": "per-clip" if self.cnn_per_clip else "batched",
+            "cnn_mode": ("per-clip" if self.cnn_per_clip else
+                         "batched, masked group norm" if self.group_norm_cnn else "batched"),
             "transformer_batching": "masked" if self.mask_exact else "equal-length",
             "do_normalize": self.do_normalize,
         }
@@ -124,24 +179,31 @@ class SSLEncoder(Encoder):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
         return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
 
+    #: clips per CNN call: large padded batches of 16-kHz samples overflow the CPU caches (one
+    #: 400-clip call measured ~20 % slower than clip by clip; chunks of 8-16 ~25 % faster)
+    cnn_chunk = 16
+
     @torch.inference_mode()
     def _cnn(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
         """CNN frames of a batch, ``(B, C, T_max)`` zero beyond each clip's frames."""
         lengths = [self.num_frames(len(c)) for c in clips]
         fe = self.model.feature_extractor
-        if self.cnn_per_clip:
-            feats = [fe(torch.from_numpy(c)[None].to(self.device))[0] for c in clips]
-        else:
-            n_max = max(len(c) for c in clips)
-            batch = torch.zeros(len(clips), n_max, device=self.device)
-            for i, c in enumerate(clips):
-                batch[i, : len(c)] = torch.from_numpy(c)
-            out = fe(batch)
-            feats = [out[i] for i in range(len(clips))]
-        t_max = max(lengths)
-        full = torch.zeros(len(clips), feats[0].shape[0], t_max, device=self.device, dtype=feats[0].dtype)
-        for i, (f, t) in enumerate(zip(feats, lengths)):
-            full[i, :, :t] = f[:, :t]
+        full: torch.Tensor | None = None
+        step = 1 if self.cnn_per_clip else self.cnn_chunk
+        for a in range(0, len(clips), step):
+            chunk = [torch.from_numpy(c).to(self.device) for c in clips[a : a + step]]
+            if self.cnn_per_clip:
+                out = fe(chunk[0][None])
+            elif self.group_norm_cnn:
+                out, _ = masked_group_norm_cnn(fe, chunk)
+            else:  # layer norm: valid frames depend on real samples only
+                out = fe(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True))
+            if full is None:
+                full = torch.zeros(len(clips), out.shape[1], max(lengths), device=self.device, dtype=out.dtype)
+            for j in range(len(chunk)):
+                t = lengths[a + j]
+                full[a + j, :, :t] = out[j, :, :t]
+        assert full is not None
         return full, lengths
 
     @torch.inference_mode()
