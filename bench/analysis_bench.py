@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import load_average
+
 
 def cpu_seconds() -> float:
     """CPU time of this process and its live children (joblib workers); psutil when present."""
@@ -70,7 +72,7 @@ def main() -> None:
     n_items = args.speakers * args.items_per_speaker
     print(f"fake store: {n_items} items, {args.speakers} speakers, {args.layers} layers x {args.dim} dims "
           f"({store.stat().st_size / 2**20:.0f} MiB) ready in {time.perf_counter() - t:.1f} s; threads={args.threads}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"load average {load_average():.1f}", flush=True)
     methods = args.methods.split(",")
 
     # warm the pooled cache the way a first `probes analyze` does, and time it separately
@@ -94,7 +96,7 @@ def main() -> None:
     total, cpu = time.perf_counter() - t, cpu_seconds() - c
     print(f"full analyze call ({','.join(methods)}; label + group; profile + {args.layers}x{args.layers} heatmaps + plots): "
           f"{total:.1f} s = {total / 60:.2f} min wall, {cpu:.0f} CPU-s (workers still alive counted); "
-          f"load average now {os.getloadavg()[0]:.1f}", flush=True)
+          f"load average now {load_average():.1f}", flush=True)
     p = res.profile
     real = p[~p.shuffled]
     for (method, target), e in real.groupby(["method", "target"], sort=False):

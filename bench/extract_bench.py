@@ -24,6 +24,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from benchutil import base_wavlm
+
 
 def make_clips(out: Path, n: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
@@ -38,16 +40,6 @@ def make_clips(out: Path, n: int, seed: int = 0) -> Path:
         w.writeheader()
         w.writerows(rows)
     return out / "clips.csv"
-
-
-def base_wavlm(out: Path) -> Path:
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
-
-    torch.manual_seed(0)
-    WavLMModel(WavLMConfig()).eval().save_pretrained(out)
-    # the preprocessing wavlm-base-plus ships: no normalisation, attention mask returned
-    Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True).save_pretrained(out)
-    return out
 
 
 def main() -> None:

@@ -16,32 +16,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def base_wavlm(out: Path) -> Path:
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
-
-    torch.manual_seed(0)
-    WavLMModel(WavLMConfig()).eval().save_pretrained(out)
-    Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True).save_pretrained(out)
-    return out
-
-
-def load() -> str:
-    try:
-        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
-    except OSError:
-        return "load average unknown"
+from benchutil import base_wavlm, load_text  # noqa: E402
 
 
 def main() -> None:
@@ -69,14 +53,14 @@ def main() -> None:
         n = n_speakers * 25
         print(f"{n} clips ({n_speakers} speakers), model {'WavLMConfig() base, random weights' if not args.model else model}, "
               f"unfreeze top {args.unfreeze_top}, batch {args.batch_size}, {args.threads} thread(s)")
-        print(f"before: {load()}")
+        print(f"before: {load_text()}")
         t0 = time.perf_counter()
         res = finetune(model, manifest, tmp / "run", unfreeze_top=args.unfreeze_top, head_only_steps=args.head_only_steps,
                        epochs=args.epochs, batch_size=args.batch_size, pooling=args.pooling, device="cpu", progress=False,
                        patience=max(args.epochs, 1), threads=args.threads, console=Console(file=io.StringIO()))
         wall = time.perf_counter() - t0
         timing = json.loads(res.log_path.read_text())["timing"]
-    after = load()
+    after = load_text()
     k = int(np.argmin(timing["epoch_seconds"]))  # the epoch least disturbed by other work on the machine
     epoch_s, cpu_s = timing["epoch_seconds"][k], timing["epoch_cpu_seconds"][k]
     scale = 1000 / n

@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchutil import load_average  # noqa: E402
 from featstore.fakestore import write_fake_store  # noqa: E402
 
 
@@ -109,7 +110,7 @@ def main() -> None:
               f"fit cpu {r['cpu']:8.1f} s ({r['cpu_mean']:.2f} s/cell)")
     t = res.timings
     print("phases (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"load average now: {load:.1f} (on {os.cpu_count()} cores: > cores means other work shared the CPU)")
     est = cpu_total / max(1, args.n_jobs) + t["prepare"] + t["features"] + t["tables"] + t["write"]
     print(f"estimate on an otherwise idle machine: {est:.0f} s ({est / 60:.1f} min) = fit cpu {cpu_total:.0f} s / "

@@ -22,6 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchutil import load_average  # noqa: E402
 DEFAULT_MODEL = ROOT.parent / "shared/models/whisper-tiny.en"
 WORDS = ["sea", "shoe", "fish", "sun", "mass", "chef", "bath", "cats", "vase", "shell", "fast", "wish"]
 
@@ -118,7 +120,7 @@ def main() -> None:
     for k in range(full.num_layers):
         cells = " | ".join(f"{results[s][0][k]:.4f} / {results[s][1][k]:.3f} / {results[s][2][k]:.3g}" for s in contexts)
         print(f"| {k} | {cells} |")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print("\nThroughput (all clips in one batch, best of repeats; the 30-s window costs the same for any clip "
           f"length; clips per CPU-second is less sensitive to other load: 1-min load average {load:.1f} "
           f"on {os.cpu_count()} cores):\n")
