@@ -358,18 +358,7 @@ class _Backbone:
 
     def _cnn_forward(self, items: list[_Item], batch: list[int]) -> list[torch.Tensor]:
         """Each clip's ``(C, frames)`` CNN output, exact as if run alone (padding-exact rules)."""
-        from featstore.encoders.hf_ssl import masked_group_norm_cnn
-
-        fe = self.model.feature_extractor
-        if self.enc.cnn_per_clip:
-            return [fe(torch.from_numpy(items[i].x)[None].to(self.device))[0, :, : items[i].frames] for i in batch]
-        if self.enc.group_norm_cnn:
-            out, _ = masked_group_norm_cnn(fe, [torch.from_numpy(items[i].x).to(self.device) for i in batch])
-        else:
-            n_max = max(len(items[i].x) for i in batch)
-            wave = torch.stack([F.pad(torch.from_numpy(items[i].x), (0, n_max - len(items[i].x))) for i in batch])
-            out = fe(wave.to(self.device))
-        return [out[k, :, : items[i].frames] for k, i in enumerate(batch)]
+        return self.enc.cnn_outputs([torch.from_numpy(items[i].x).to(self.device) for i in batch])
 
     def _cnn(self, items: list[_Item], batch: list[int]) -> list[torch.Tensor]:
         if not self.train_cnn:

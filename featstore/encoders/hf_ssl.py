@@ -183,27 +183,34 @@ class SSLEncoder(Encoder):
     #: 400-clip call measured ~20 % slower than clip by clip; chunks of 8-16 ~25 % faster)
     cnn_chunk = 16
 
+    def cnn_outputs(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each preprocessed wave's CNN frames ``(C, num_frames)``, as if run alone.
+
+        Runs in chunks of :attr:`cnn_chunk` clips (one at a time for an unknown group-norm layout);
+        gradients flow where autograd is on (fine-tuning the CNN).
+        """
+        fe = self.model.feature_extractor
+        out: list[torch.Tensor] = []
+        step = 1 if self.cnn_per_clip else self.cnn_chunk
+        for a in range(0, len(waves), step):
+            chunk = list(waves[a : a + step])
+            if self.cnn_per_clip:
+                h = fe(chunk[0][None])
+            elif self.group_norm_cnn:
+                h, _ = masked_group_norm_cnn(fe, chunk)
+            else:  # layer norm: valid frames depend on real samples only
+                h = fe(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True))
+            out += [h[j, :, : self.num_frames(len(w))] for j, w in enumerate(chunk)]
+        return out
+
     @torch.inference_mode()
     def _cnn(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
         """CNN frames of a batch, ``(B, C, T_max)`` zero beyond each clip's frames."""
-        lengths = [self.num_frames(len(c)) for c in clips]
-        fe = self.model.feature_extractor
-        full: torch.Tensor | None = None
-        step = 1 if self.cnn_per_clip else self.cnn_chunk
-        for a in range(0, len(clips), step):
-            chunk = [torch.from_numpy(c).to(self.device) for c in clips[a : a + step]]
-            if self.cnn_per_clip:
-                out = fe(chunk[0][None])
-            elif self.group_norm_cnn:
-                out, _ = masked_group_norm_cnn(fe, chunk)
-            else:  # layer norm: valid frames depend on real samples only
-                out = fe(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True))
-            if full is None:
-                full = torch.zeros(len(clips), out.shape[1], max(lengths), device=self.device, dtype=out.dtype)
-            for j in range(len(chunk)):
-                t = lengths[a + j]
-                full[a + j, :, :t] = out[j, :, :t]
-        assert full is not None
+        feats = self.cnn_outputs([torch.from_numpy(c).to(self.device) for c in clips])
+        lengths = [f.shape[-1] for f in feats]
+        full = torch.zeros(len(clips), feats[0].shape[0], max(lengths), device=self.device, dtype=feats[0].dtype)
+        for i, f in enumerate(feats):
+            full[i, :, : lengths[i]] = f
         return full, lengths
 
     @torch.inference_mode()
