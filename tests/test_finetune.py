@@ -293,3 +293,50 @@ def test_segments_pool_over_their_own_frames(tiny_models, tmp_path):
     # frame centres 199.5 + 320 k samples; [1600, 4800) holds k = 5..14
     assert [(it.id, it.frames, it.pool) for it in items] == [("whole", 24, (0, 24)), ("seg", 24, (5, 15))]
     assert skipped == [("tiny", "bad_segment", "segment [0.100, 0.105) s covers no frame")] and labels == ["x", "y"]
+
+
+@pytest.mark.parametrize("phase", ["cache_frozen", "train_head", "train_top"])
+def test_interrupt_at_each_phase_keeps_the_best_state(tiny_models, clips, tmp_path, monkeypatch, phase):
+    """Ctrl-C in any phase: nothing to save before the first record (a clear error), else the best
+    state so far is saved and the run is marked interrupted (the CLI exits with 130)."""
+    from featstore.finetune import Trainer
+
+    original = getattr(Trainer, phase)
+
+    def interrupted(self):
+        if phase == "train_top":  # after one batch of the first epoch
+            self.cfg.epochs = 1
+            original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, phase, interrupted)
+    out = tmp_path / "run"
+    options = dict(unfreeze_top=1, console=_console()[0], **{**FAST, "head_only_steps": 10, "epochs": 2})
+    if phase in ("cache_frozen", "train_head"):
+        with pytest.raises(FinetuneError, match=r"^nothing was trained \(head_only_steps=0 and epochs=0, or interrupted at once\)$"):
+            finetune(str(tiny_models["wavlm"]), clips, out, **options)
+        assert not (out / "log.json").exists()
+        return
+    res = finetune(str(tiny_models["wavlm"]), clips, out, **options)
+    log = json.loads((out / "log.json").read_text())
+    assert res.interrupted and log["interrupted"] and res.frozen_unchanged
+    assert [h["epoch"] for h in log["epochs"]] == [0, 1] and (out / "model.safetensors").is_file()
+
+
+def test_cli_exit_code_on_interrupt(tiny_models, clips, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.finetune_cmd import finetune as command
+    from featstore.finetune import Trainer
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_top", stop)
+    app = typer.Typer()
+    app.command()(command)
+    app.command("noop")(lambda: None)
+    r = CliRunner().invoke(app, ["finetune", "--model", str(tiny_models["wavlm"]), "-m", str(clips), "-o", str(tmp_path / "o"),
+                                 "--head-only-steps", "5", "--unfreeze-top", "1"])
+    assert r.exit_code == 130 and "interrupted" in r.output and (tmp_path / "o" / "head.pt").is_file()

@@ -310,3 +310,13 @@ def test_cli_finetune_then_extract_uses_the_recorded_window(whisper_dir, clips, 
     r = runner.invoke(app, ["finetune", "--model", str(whisper_dir), "-m", str(clips), "-o", str(tmp_path / "x"),
                             "--context-seconds", "40"])
     assert r.exit_code == 2 and "context_seconds must be in (0, 30], got 40" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
+def test_cuda_and_amp(whisper_dir, clips, tmp_path, amp):
+    res = finetune(str(whisper_dir), clips, tmp_path / "run", context_seconds=0.5, device="cuda", amp=amp,
+                   console=_console()[0], **{**FAST, "head_only_steps": 5, "epochs": 1})
+    assert res.frozen_unchanged and res.trainable_changed == 17
+    log = json.loads((res.out / "log.json").read_text())
+    assert log["config"]["device"] == "cuda" and log["config"]["amp"] == amp
