@@ -340,3 +340,13 @@ def test_cli_exit_code_on_interrupt(tiny_models, clips, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["finetune", "--model", str(tiny_models["wavlm"]), "-m", str(clips), "-o", str(tmp_path / "o"),
                                  "--head-only-steps", "5", "--unfreeze-top", "1"])
     assert r.exit_code == 130 and "interrupted" in r.output and (tmp_path / "o" / "head.pt").is_file()
+
+
+def test_every_trainable_tensor_trains_with_stable_layer_norm(tiny_models, clips, tmp_path):
+    """A do_stable_layer_norm model applies its final layer norm to last_hidden_state only, which no
+    stored layer (hidden_states entry) holds: it is frozen, not listed as trainable and left unchanged."""
+    res = finetune(str(tiny_models["wav2vec2-layer"]), clips, tmp_path / "run", unfreeze_top=1, console=_console()[0],
+                   **{**FAST, "head_only_steps": 10, "epochs": 1})
+    check = json.loads((res.out / "log.json").read_text())["frozen_check"]
+    assert check["trainable_tensors"] == check["trainable_tensors_changed"] == res.trainable_changed == 16
+    assert check["unchanged"]
