@@ -16,7 +16,8 @@
    The fine-tuned model never sees an analysis speaker (its own early stopping holds out a fifth
    of the fine-tuning speakers), so the "after" scores are on unseen speakers.
 4. Prints the per-layer table from ``analysis/profile.csv`` (label and speaker scores before and
-   after, 95 % speaker-bootstrap intervals, shuffled floors) and writes ``before_after_<method>.png``.
+   after, 95 % speaker-bootstrap intervals, shuffled floors), writes it with the commands to
+   ``before_after.md``, and plots ``before_after_<method>.png``.
 
 Needs ``espeak-ng`` and ``../shared/models/whisper-tiny.en`` beside the project (``--model``).
 Several minutes on 2 cores; not part of the test suite.
@@ -36,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,7 +97,7 @@ def split_manifest(manifest: Path, out: Path, seed: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def table(profile_csv: Path, method: str) -> tuple[list[str], dict]:
+def table(profile_csv: Path, method: str) -> list[str]:
     """Markdown rows: per layer, label and speaker before/after with intervals and shuffled floors."""
     import pandas as pd
 
@@ -108,7 +108,7 @@ def table(profile_csv: Path, method: str) -> tuple[list[str], dict]:
     cell: dict = {}
     for r in p.itertuples():
         cell[(r.store, int(r.layer), r.target, bool(r.shuffled))] = r
-    lines = [f"| layer | label before | label after | speaker before | speaker after |", "|---:|---:|---:|---:|---:|"]
+    lines = ["| layer | label before | label after | speaker before | speaker after |", "|---:|---:|---:|---:|---:|"]
     for layer in sorted({int(v) for v in p.layer}):
         out = [str(layer)]
         for target in ("label", "group"):
@@ -120,7 +120,7 @@ def table(profile_csv: Path, method: str) -> tuple[list[str], dict]:
                 text = f"{real.score:.3f} [{real.ci_low:.3f}, {real.ci_high:.3f}]"
                 out.append(text + (f" (floor {floor.score:.3f})" if floor is not None else ""))
         lines.append("| " + " | ".join(out) + " |")
-    return lines, {"pre": pre, "ft": ft, "cell": cell}
+    return lines
 
 
 def plot(profile_csv: Path, method: str, path: Path, title: str) -> Path:
@@ -137,10 +137,11 @@ def plot(profile_csv: Path, method: str, path: Path, title: str) -> Path:
     colors = {"label": "tab:blue", "group": "tab:red"}
     names = {"label": "label (/s/ /θ/ /f/)", "group": "speaker"}
     for target in ("label", "group"):
-        for store, style, when in ((stores[0], "--", "before"), (stores[1], "-", "after")):
+        for store, style, marker, face, when in ((stores[0], "--", "o", "white", "before"), (stores[1], "-", "s", None, "after")):
             e = p[(p.store == store) & (p.target == target) & ~p.shuffled].sort_values("layer")
             f = p[(p.store == store) & (p.target == target) & p.shuffled].sort_values("layer")
-            ax.plot(e.layer, e.score, style, marker="o", color=colors[target], label=f"{names[target]}, {when}")
+            ax.plot(e.layer, e.score, style, marker=marker, markerfacecolor=face or colors[target], color=colors[target],
+                    label=f"{names[target]}, {when}")
             ax.fill_between(e.layer, e.ci_low, e.ci_high, color=colors[target], alpha=0.12)
             if len(f):
                 ax.plot(f.layer, f.score, ":", color=colors[target], alpha=0.6, linewidth=1)
@@ -148,8 +149,8 @@ def plot(profile_csv: Path, method: str, path: Path, title: str) -> Path:
     ax.set_ylabel(f"{method} score")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(sorted({int(v) for v in p.layer}))
-    ax.legend(fontsize=7, loc="best")
-    fig.text(0.5, 0.01, "dashed: before, solid: after; dotted: shuffled floors; bands: 95 % speaker-bootstrap intervals",
+    ax.legend(fontsize=7, loc="best", handlelength=3.5)
+    fig.text(0.5, 0.01, "dashed, open circles: before; solid, squares: after; dotted: shuffled floors; bands: 95 % speaker-bootstrap intervals",
              ha="center", fontsize=7, alpha=0.8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
@@ -218,14 +219,17 @@ def main() -> None:
           f"frozen parts unchanged: {log['frozen_check']['unchanged']}; epochs {[h['epoch'] for h in log['epochs']]}")
     print(f"stores: {n_items} analysis items, {n_spk} unseen speakers; window pre {windows[0]} s, ft {windows[1]} s "
           f"(source: {windows[2]}); seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    report = []
     for method in args.methods.split(","):
-        lines, _ = table(analysis / "profile.csv", method)
-        print(f"\n{method}: score [95 % speaker-bootstrap interval] (floor = mean score with the target shuffled)\n")
-        print("\n".join(lines))
+        lines = table(analysis / "profile.csv", method)
+        report += [f"\n{method}: score [95 % speaker-bootstrap interval] (floor = mean score with the target shuffled)\n", *lines]
+        print("\n".join(report[-len(lines) - 1:]))
         png = plot(analysis / "profile.csv", method, out / f"before_after_{method}.png",
                    f"whisper-tiny.en, window {windows[0]} s: {method}, before vs after fine-tuning (unseen speakers)")
         print(f"\nplot: {png}")
-    print(f"\ncommands:\n" + "\n".join(commands))
+    print("\ncommands:\n" + "\n".join(commands))
+    (out / "before_after.md").write_text("\n".join(["```", *commands, "```", *report]) + "\n")
+    print(f"tables and commands: {out / 'before_after.md'}")
     print(f"after: {load_text()}; total {time.perf_counter() - t0:.0f} s")
 
 
