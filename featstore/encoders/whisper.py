@@ -226,7 +226,7 @@ class WhisperEncoder(Encoder):
                 part = clips[start : start + chunk]
                 counts = [self.num_frames(len(c)) for c in part]
                 keep = max(counts, default=0)
-                states = self._forward(self.log_mel(part, positions), keep)
+                states = self.forward_hidden_states(self.log_mel(part, positions), keep)
                 arrays = [s.float().cpu().numpy() for s in states]
                 for b, n in enumerate(counts):
                     out.append([np.ascontiguousarray(a[b, :n]) for a in arrays])
@@ -263,10 +263,6 @@ class WhisperEncoder(Encoder):
             top = log_spec.amax(dim=(1, 2), keepdim=True)
         log_spec = torch.maximum(log_spec, top - 8.0)
         return ((log_spec + 4.0) / 4.0)[..., :n_mel]
-
-    def _forward(self, mel, keep: int) -> list:
-        """Hidden states on a (possibly shortened) window, each cut to its first ``keep`` frames."""
-        return self.forward_hidden_states(mel, keep)
 
     # ------------------------------------------------------------------ differentiable forward
     def forward_hidden_states(self, mel, keep: int | None = None) -> list:
