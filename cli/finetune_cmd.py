@@ -17,7 +17,7 @@ def _fail(message: str) -> None:
 
 
 def finetune(
-    model: str = typer.Option(..., "--model", help="Alias (wavlm-base-plus), hub id or model directory (wav2vec2, HuBERT, WavLM, data2vec-audio)."),
+    model: str = typer.Option(..., "--model", help="Alias (wavlm-base-plus, whisper-tiny.en), hub id or model directory (wav2vec2, HuBERT, WavLM, data2vec-audio, Whisper)."),
     manifest: Path = typer.Option(..., "--manifest", "-m", help="CSV/TSV (path,label,speaker[,id,start,end,...]) or a folder-per-label directory."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory: the fine-tuned model (save_pretrained), head.pt, head_config.json, log.json."),
     unfreeze_top: int = typer.Option(4, "--unfreeze-top", help="Transformer layers trained in phase 2, counted from the top (0: head only)."),
@@ -35,26 +35,26 @@ def finetune(
     seed: int = typer.Option(0, "--seed", help="Seed of the split, batch order, head initialisation and dropout."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda, cuda:1."),
     amp: str = typer.Option("fp32", "--amp", help="Autocast on CUDA: fp32 (off), bf16, fp16."),
+    context_seconds: Optional[float] = typer.Option(None, "--context-seconds", help="Whisper only: train in a shortened encoder window of S seconds (default: the window recorded in the checkpoint, else the full 30 s); recorded in the fine-tuned checkpoint, which `featstore extract` then uses."),
+    cache_gb: float = typer.Option(2.0, "--cache-gb", help="Memory for cached outputs of the frozen parts (CNN frames; Whisper: the input of the first unfrozen layer); beyond it they are recomputed."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default); on a busy machine 1 can be several times faster."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
 ) -> None:
-    """Fine-tune a head plus the top layers of a speech SSL model; save a checkpoint `featstore extract` reads."""
+    """Fine-tune a head plus the top layers of a speech SSL or Whisper model; save a checkpoint `featstore extract` reads."""
     from featstore.encoders.registry import ModelNotAvailable
+    from featstore.encoders.whisper import RECORDED
     from featstore.finetune import FinetuneError
     from featstore.finetune import finetune as run
     from featstore.manifest import ManifestError
 
-    if amp not in ("fp32", "bf16", "fp16"):
-        _fail(f"--amp must be fp32, bf16 or fp16, not {amp!r}")
-    if class_weight not in ("balanced", "none"):
-        _fail(f"--class-weight must be balanced or none, not {class_weight!r}")
     try:
         res = run(
             model, manifest, out, unfreeze_top=unfreeze_top, freeze_feature_encoder=freeze_feature_encoder,
             head_only_steps=head_only_steps, lr_backbone=lr_backbone, lr_head=lr_head, pooling=pooling,
-            class_weight=None if class_weight == "none" else class_weight, fold=fold, group_column=group_column,
-            epochs=epochs, batch_size=batch_size, seed=seed, device=device, amp=None if amp == "fp32" else amp,
-            patience=patience, overwrite=overwrite, threads=threads or None, console=console,
+            class_weight=class_weight, fold=fold, group_column=group_column, epochs=epochs, batch_size=batch_size,
+            seed=seed, device=device, amp=amp, patience=patience, overwrite=overwrite,
+            context_seconds=RECORDED if context_seconds is None else context_seconds, cache_gb=cache_gb,
+            threads=threads or None, console=console,
         )
     except (FinetuneError, ManifestError, ModelNotAvailable) as exc:
         _fail(str(exc))

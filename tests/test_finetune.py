@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import featstore
 from featstore.encoders.hf_ssl import SSLEncoder
 from featstore.extract import extract
-from featstore.finetune import (ClassifierHead, FinetuneError, _Backbone, _Item, finetune, grouped_split, load_head,
-                                parse_fold)
+from featstore.cv import FoldError, holdout_split
+from featstore.finetune import ClassifierHead, FinetuneError, Item, SSLBackbone, finetune, load_head, parse_fold
 from tests.conftest import write_manifest, write_wav
 
 LABELS = ("noise", "tone", "pulses")
@@ -188,13 +188,16 @@ def test_training_forward_is_padding_exact_and_differentiable(tiny_models, kind)
     enc = SSLEncoder(tiny_models[kind])
     rng = np.random.default_rng(5)
     xs = [rng.normal(size=n).astype(np.float32) for n in (1700, 3900, 2500)]
-    items = [_Item(str(i), enc.preprocess(x), 0, "g", enc.num_frames(len(x)), (0, enc.num_frames(len(x)))) for i, x in enumerate(xs)]
+    items = [Item(str(i), enc.preprocess(x), 0, "g", enc.num_frames(len(x)), (0, enc.num_frames(len(x)))) for i, x in enumerate(xs)]
+    bb = SSLBackbone(enc)
+    groups = bb.parameter_groups(1, freeze_feature_encoder=kind != "wav2vec2-layer")
     for p in enc.model.parameters():
         p.requires_grad_(False)
-    top = list(enc.model.encoder.layers[-1].parameters())
-    for p in top:
+    trained = [p for _, p in groups["top"] + groups["cnn"]]
+    for p in trained:
         p.requires_grad_(True)
-    bb = _Backbone(enc, train_cnn=kind == "wav2vec2-layer", amp=None)
+    bb.prefill(items, [0, 1, 2])  # a frozen CNN: frames cached once (no-op when the CNN trains)
+    assert len(bb.cache.data) == (0 if bb.train_cnn else 3)
     hs, mask = bb.hidden_states(items, [0, 1, 2])
     assert mask.sum(1).tolist() == [it.frames for it in items] == [5, 11, 7]
     solo = [enc.encode([x])[0] for x in xs]
@@ -203,7 +206,16 @@ def test_training_forward_is_padding_exact_and_differentiable(tiny_models, kind)
             assert np.abs(hs[k][i, : it.frames].detach().numpy() - solo[i][k]).max() < 1e-4
     head = ClassifierHead(32, 3, "mean")
     head(head.summarize(hs, mask)).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in top)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    if kind == "wav2vec2-layer":  # the CNN trains: gradients reach it through the public forward
+        assert any(n.startswith("feature_extractor.") for n, _ in groups["cnn"])
+
+
+def test_forward_hidden_states_rejects_mixed_lengths_for_data2vec(tiny_models):
+    enc = SSLEncoder(tiny_models["data2vec-audio"])
+    waves = [torch.zeros(1700), torch.zeros(3900)]
+    with pytest.raises(ValueError, match=r"data2vec-audio batches only clips of equal frame count, got \[5, 11\]"):
+        enc.forward_hidden_states(waves)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "attn", "weighted-layers"])
@@ -222,18 +234,29 @@ def test_head_ignores_padded_frames(pooling):
     assert torch.allclose(a[1], solo[0], atol=1e-6)
 
 
-def test_split_and_fold_errors():
+def test_split_and_fold_errors(tiny_models, clips, tmp_path):
     y = np.repeat([0, 1], 10)
     groups = [f"s{i // 2}" for i in range(20)]
-    tr, va = grouped_split(y, groups, (2, 5), seed=0)
+    tr, va = holdout_split(y, groups, (2, 5), seed=0)
     assert len(tr) + len(va) == 20 and not {groups[i] for i in tr} & {groups[i] for i in va}
     assert parse_fold("2/5") == (2, 5) and parse_fold(None) is None
     with pytest.raises(FinetuneError, match=r"^bad fold '6/5': use K/N with 1 <= K <= N and N >= 2, e.g. --fold 1/5$"):
         parse_fold("6/5")
-    tr, va = grouped_split(y[:6], groups[:6], None)  # 3 groups: 1 of 3 folds
+    tr, va = holdout_split(y[:6], groups[:6], None)  # 3 groups: 1 of 3 folds
     assert len(va) == 2 and len({groups[i] for i in va}) == 1
-    with pytest.raises(FinetuneError, match=r"^3 speaker group\(s\) cannot make 5 folds: use fewer folds \(--fold 1/3\)"):
-        grouped_split(y[:6], groups[:6], (1, 5))
+    with pytest.raises(FoldError, match=r"^3 speaker group\(s\) cannot make 5 folds: use fewer folds \(--fold 1/3\)"):
+        holdout_split(y[:6], groups[:6], (1, 5))
+    # the trainer takes its split from featstore.cv and reports the same sentence as a user error
+    with pytest.raises(FinetuneError, match=r"^8 speaker group\(s\) cannot make 9 folds: use fewer folds \(--fold 1/8\)"):
+        finetune(str(tiny_models["wavlm"]), clips, tmp_path / "r", fold="1/9", console=_console()[0], **FAST)
+    # the validation part is exactly fold K of featstore.cv.holdout_split over the usable clips
+    res = finetune(str(tiny_models["wavlm"]), clips, tmp_path / "r2", unfreeze_top=0, fold="3/4", seed=2,
+                   console=_console()[0], **{**FAST, "head_only_steps": 2, "epochs": 0})
+    log = json.loads((res.out / "log.json").read_text())
+    ids = [f"s{s}_{j}" for s in range(8) for j in range(6)]
+    labels = [sorted(LABELS).index(LABELS[j % 3]) for s in range(8) for j in range(6)]
+    _, va = holdout_split(labels, [i.split("_")[0] for i in ids], (3, 4), seed=2)
+    assert log["split"]["val_ids"] == [ids[i] for i in va] and log["config"]["fold"] == "3/4"
 
 
 def test_cli_user_errors(tiny_models, clips, tmp_path):
@@ -255,7 +278,7 @@ def test_cli_user_errors(tiny_models, clips, tmp_path):
 
 
 def test_segments_pool_over_their_own_frames(tiny_models, tmp_path):
-    from featstore.finetune import _load_items
+    from featstore.finetune import load_items
     from featstore.manifest import read_manifest
 
     x = np.random.default_rng(0).normal(size=8000).astype(np.float32)  # 0.5 s: 24 frames
@@ -266,7 +289,64 @@ def test_segments_pool_over_their_own_frames(tiny_models, tmp_path):
         {"id": "tiny", "path": "a.wav", "label": "y", "speaker": "s1", "start": 0.1, "end": 0.105},
     ])
     con, buf = _console()
-    items, skipped, labels = _load_items(read_manifest(man), SSLEncoder(tiny_models["wavlm"]), con)
+    items, skipped, labels = load_items(read_manifest(man), SSLBackbone(SSLEncoder(tiny_models["wavlm"])), con)
     # frame centres 199.5 + 320 k samples; [1600, 4800) holds k = 5..14
     assert [(it.id, it.frames, it.pool) for it in items] == [("whole", 24, (0, 24)), ("seg", 24, (5, 15))]
     assert skipped == [("tiny", "bad_segment", "segment [0.100, 0.105) s covers no frame")] and labels == ["x", "y"]
+
+
+@pytest.mark.parametrize("phase", ["cache_frozen", "train_head", "train_top"])
+def test_interrupt_at_each_phase_keeps_the_best_state(tiny_models, clips, tmp_path, monkeypatch, phase):
+    """Ctrl-C in any phase: nothing to save before the first record (a clear error), else the best
+    state so far is saved and the run is marked interrupted (the CLI exits with 130)."""
+    from featstore.finetune import Trainer
+
+    original = getattr(Trainer, phase)
+
+    def interrupted(self):
+        if phase == "train_top":  # after one batch of the first epoch
+            self.cfg.epochs = 1
+            original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, phase, interrupted)
+    out = tmp_path / "run"
+    options = dict(unfreeze_top=1, console=_console()[0], **{**FAST, "head_only_steps": 10, "epochs": 2})
+    if phase in ("cache_frozen", "train_head"):
+        with pytest.raises(FinetuneError, match=r"^nothing was trained \(head_only_steps=0 and epochs=0, or interrupted at once\)$"):
+            finetune(str(tiny_models["wavlm"]), clips, out, **options)
+        assert not (out / "log.json").exists()
+        return
+    res = finetune(str(tiny_models["wavlm"]), clips, out, **options)
+    log = json.loads((out / "log.json").read_text())
+    assert res.interrupted and log["interrupted"] and res.frozen_unchanged
+    assert [h["epoch"] for h in log["epochs"]] == [0, 1] and (out / "model.safetensors").is_file()
+
+
+def test_cli_exit_code_on_interrupt(tiny_models, clips, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from cli.finetune_cmd import finetune as command
+    from featstore.finetune import Trainer
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_top", stop)
+    app = typer.Typer()
+    app.command()(command)
+    app.command("noop")(lambda: None)
+    r = CliRunner().invoke(app, ["finetune", "--model", str(tiny_models["wavlm"]), "-m", str(clips), "-o", str(tmp_path / "o"),
+                                 "--head-only-steps", "5", "--unfreeze-top", "1"])
+    assert r.exit_code == 130 and "interrupted" in r.output and (tmp_path / "o" / "head.pt").is_file()
+
+
+def test_every_trainable_tensor_trains_with_stable_layer_norm(tiny_models, clips, tmp_path):
+    """A do_stable_layer_norm model applies its final layer norm to last_hidden_state only, which no
+    stored layer (hidden_states entry) holds: it is frozen, not listed as trainable and left unchanged."""
+    res = finetune(str(tiny_models["wav2vec2-layer"]), clips, tmp_path / "run", unfreeze_top=1, console=_console()[0],
+                   **{**FAST, "head_only_steps": 10, "epochs": 1})
+    check = json.loads((res.out / "log.json").read_text())["frozen_check"]
+    assert check["trainable_tensors"] == check["trainable_tensors_changed"] == res.trainable_changed == 16
+    assert check["unchanged"]

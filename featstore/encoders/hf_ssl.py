@@ -203,34 +203,46 @@ class SSLEncoder(Encoder):
             out += [h[j, :, : self.num_frames(len(w))] for j, w in enumerate(chunk)]
         return out
 
-    @torch.inference_mode()
-    def _cnn(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, list[int]]:
-        """CNN frames of a batch, ``(B, C, T_max)`` zero beyond each clip's frames."""
-        feats = self.cnn_outputs([torch.from_numpy(c).to(self.device) for c in clips])
-        lengths = [f.shape[-1] for f in feats]
-        full = torch.zeros(len(clips), feats[0].shape[0], max(lengths), device=self.device, dtype=feats[0].dtype)
-        for i, f in enumerate(feats):
-            full[i, :, : lengths[i]] = f
-        return full, lengths
+    def forward_hidden_states(self, waves: Sequence[torch.Tensor], cnn_features: Sequence[torch.Tensor] | None = None
+                              ) -> tuple[list[torch.Tensor], list[int]]:
+        """The padding-exact forward of a batch: ``hidden_states`` ``[(B, T_max, D)] * (layers+1)`` and
+        each clip's frame count.
+
+        ``waves``: the clips after :meth:`preprocess`, 1-D tensors on the device. ``cnn_features``:
+        each clip's CNN frames ``(C, frames)`` from :meth:`cnn_outputs`, when computed beforehand (a
+        frozen feature encoder's frames cached once); computed here when ``None``. The model's own
+        forward runs with its feature encoder swapped for these frames and the sample mask, so the
+        result is what the model returns for each clip alone. There is no ``torch.no_grad`` here:
+        gradients reach every parameter that requires them (fine-tuning); extraction calls it under
+        ``torch.inference_mode()``. Frames beyond a clip's count are padding: never pool them.
+        A model that batches only clips of equal frame count (:attr:`mask_exact` false:
+        data2vec-audio) raises ``ValueError`` on a batch of unequal ones.
+        """
+        feats = list(cnn_features) if cnn_features is not None else self.cnn_outputs(waves)
+        lengths = [int(f.shape[-1]) for f in feats]
+        if not self.mask_exact and len(set(lengths)) > 1:
+            raise ValueError(f"{self.config.get('model_type')} batches only clips of equal frame count, got {sorted(set(lengths))}")
+        t_max = max(lengths)
+        full = torch.stack([nn.functional.pad(f, (0, t_max - t)) for f, t in zip(feats, lengths)])
+        mask = torch.zeros(len(waves), max(len(w) for w in waves), dtype=torch.long, device=self.device)
+        for i, w in enumerate(waves):
+            mask[i, : len(w)] = 1
+        dummy = torch.zeros(len(waves), 1, device=self.device)
+        with _feature_encoder_swapped(self.model, full), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
+            out = self.model(dummy, attention_mask=mask, output_hidden_states=True)
+        return list(out.hidden_states), lengths
 
     @torch.inference_mode()
     def hidden_states(self, clips: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[int]]:
         """All ``hidden_states`` of a batch, ``[(B, T_max, D)] * (layers+1)``, and true lengths."""
-        xs = [self.preprocess(c) for c in clips]
+        waves = [torch.from_numpy(self.preprocess(c)).to(self.device) for c in clips]
         with self._autocast():
-            feats, lengths = self._cnn(xs)
-            n_max = max(len(x) for x in xs)
-            mask = torch.zeros(len(xs), n_max, dtype=torch.long, device=self.device)
-            for i, x in enumerate(xs):
-                mask[i, : len(x)] = 1
-            dummy = torch.zeros(len(xs), 1, device=self.device)
-            with _feature_encoder_swapped(self.model, feats), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
-                out = self.model(dummy, attention_mask=mask, output_hidden_states=True)
+            hidden, lengths = self.forward_hidden_states(waves)
         self.stats["frames"] += sum(lengths)
         self.stats["padded_frames"] += len(lengths) * max(lengths) - sum(lengths)
         self.stats["batches"] += 1
-        return list(out.hidden_states), lengths
+        return hidden, lengths
 
     def encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
         if not self.mask_exact:

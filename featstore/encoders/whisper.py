@@ -17,6 +17,12 @@ Window semantics (recorded in the store as ``whisper_window_mode``, ``whisper_wi
 Clips longer than the window raise a ``ValueError`` (no silent truncation; the window bounds the
 clip length: :attr:`WhisperEncoder.max_samples`).
 
+A fine-tuned checkpoint (``featstore finetune``) records the window it was trained with in
+``featstore_encoder.json`` beside its weights (:func:`write_recorded_window`). When the caller does
+not choose a window, :class:`WhisperEncoder` uses the recorded one (store attribute
+``whisper_window_source = "checkpoint"``); an explicit ``context_seconds`` (``None`` = the full
+window) overrides it.
+
 Frame geometry (derived from the feature extractor and the conv stack, never hard-coded):
 
 - The log-Mel STFT is centred (``torch.stft(center=True)``, reflect padding of ``n_fft // 2``), so
@@ -37,6 +43,7 @@ Hidden states follow ``WhisperEncoder(input_features, output_hidden_states=True)
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +54,33 @@ from featstore.encoders.base import Encoder
 
 #: default upper bound on (clips x window positions) per forward pass: 16 full 30-s windows
 DEFAULT_MAX_BATCH_POSITIONS = 24_000
+#: the file beside a fine-tuned checkpoint's weights that records its window
+RECORDED_WINDOW_FILE = "featstore_encoder.json"
+#: ``context_seconds`` default: the window recorded in the checkpoint, else the full window
+RECORDED = "recorded"
+
+
+def write_recorded_window(directory: Path | str, context_seconds: float | None) -> Path:
+    """Record the window a checkpoint was trained with (``None``: the full window) beside its weights."""
+    path = Path(directory) / RECORDED_WINDOW_FILE
+    path.write_text(json.dumps({"format": "featstore-encoder", "version": 1,
+                                "whisper_context_seconds": context_seconds}, indent=2) + "\n")
+    return path
+
+
+def read_recorded_window(directory: Path | str) -> tuple[bool, float | None]:
+    """``(True, seconds or None)`` when ``directory`` records a window, else ``(False, None)``."""
+    path = Path(directory) / RECORDED_WINDOW_FILE
+    if not path.is_file():
+        return False, None
+    try:
+        data = json.loads(path.read_text())
+        value = data["whisper_context_seconds"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a featstore window record ({type(exc).__name__}: {exc})") from None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{path}: whisper_context_seconds must be a number of seconds or null, got {value!r}")
+    return True, value
 
 
 class WhisperEncoder(Encoder):
@@ -58,7 +92,8 @@ class WhisperEncoder(Encoder):
     name, revision : provenance (what was asked for; commit or content hash).
     device : torch device (``"cpu"``, ``"cuda"``...).
     context_seconds : ``None`` for the full 30-s window, else the shortened window length in seconds
-        (a multiple of 0.02 s, at most the full window).
+        (a multiple of 0.02 s, at most the full window). Default: the window recorded in
+        ``featstore_encoder.json`` beside the weights (a fine-tuned checkpoint), else the full window.
     max_batch_positions : clips are run in chunks of at most this many window positions, so a batch
         of many short clips does not allocate ``batch x 1500`` attention maps at once.
     """
@@ -69,7 +104,7 @@ class WhisperEncoder(Encoder):
         name: str | None = None,
         revision: str = "",
         device: str = "cpu",
-        context_seconds: float | None = None,
+        context_seconds: float | None | str = RECORDED,
         max_batch_positions: int = DEFAULT_MAX_BATCH_POSITIONS,
     ) -> None:
         import torch
@@ -82,6 +117,10 @@ class WhisperEncoder(Encoder):
         if not (local_dir / "preprocessor_config.json").exists():
             raise ValueError(f"{local_dir} holds no preprocessor_config.json (the Whisper feature extractor)")
         self.feature_extractor = WhisperFeatureExtractor.from_pretrained(local_dir)
+        window_source = None
+        if isinstance(context_seconds, str) and context_seconds == RECORDED:
+            recorded, context_seconds = read_recorded_window(local_dir)
+            window_source = "checkpoint" if recorded else None
         model = WhisperModel.from_pretrained(local_dir, dtype=torch.float32)
         self.encoder = model.get_encoder().eval().to(device)
         del model
@@ -137,6 +176,8 @@ class WhisperEncoder(Encoder):
             "whisper_window_seconds": self.window_seconds,
             "whisper_context_seconds": self.context_seconds,
         }
+        if window_source:
+            self.extra_attrs["whisper_window_source"] = window_source
         if float(fe.dither) != 0.0:
             # dithering would make features random; the store holds deterministic features
             self.extra_attrs["whisper_note"] = f"feature extractor dither={fe.dither} ignored (deterministic features)"
@@ -185,7 +226,7 @@ class WhisperEncoder(Encoder):
                 part = clips[start : start + chunk]
                 counts = [self.num_frames(len(c)) for c in part]
                 keep = max(counts, default=0)
-                states = self._forward(self.log_mel(part, positions), keep)
+                states = self.forward_hidden_states(self.log_mel(part, positions), keep)
                 arrays = [s.float().cpu().numpy() for s in states]
                 for b, n in enumerate(counts):
                     out.append([np.ascontiguousarray(a[b, :n]) for a in arrays])
@@ -223,23 +264,45 @@ class WhisperEncoder(Encoder):
         log_spec = torch.maximum(log_spec, top - 8.0)
         return ((log_spec + 4.0) / 4.0)[..., :n_mel]
 
-    def _forward(self, mel, keep: int) -> list:
-        """Hidden states on a (possibly shortened) window, each cut to its first ``keep`` frames.
+    # ------------------------------------------------------------------ differentiable forward
+    def forward_hidden_states(self, mel, keep: int | None = None) -> list:
+        """All hidden states of a batch of windows, each cut to its first ``keep`` frames.
 
-        Same modules and order as ``transformers``' ``WhisperEncoder.forward``, with the positional
-        embeddings sliced to the window length.
+        ``mel``: :meth:`log_mel` of the batch, ``(batch, n_mels, 2 * positions)``. Same modules and
+        order as ``transformers``' ``WhisperEncoder.forward``, with the positional embeddings sliced
+        to the window length. Every clip has its own window, so a batch never mixes clips. No
+        ``torch.no_grad`` here: gradients reach every parameter that requires them (fine-tuning);
+        extraction calls it under ``torch.inference_mode()``. Only the first
+        :meth:`num_frames` frames of a clip cover it; the rest is the window's padding.
         """
+        x = self.embed(mel)
+        return [x[:, :keep]] + self.run_layers(x, 0, keep=keep)
+
+    def embed(self, mel):
+        """``hidden_states[0]`` over the whole window: conv stem, GELUs and positional embeddings."""
         import torch.nn.functional as F
 
         enc = self.encoder
         x = F.gelu(enc.conv1(mel))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        x = x + enc.embed_positions.weight[: x.shape[1]]
-        states = [x[:, :keep]]
-        for layer in enc.layers:
-            x = layer(x, None)
-            states.append(x[:, :keep])
-        states[-1] = enc.layer_norm(x)[:, :keep]
+        return x + enc.embed_positions.weight[: x.shape[1]]
+
+    def run_layers(self, x, start: int, end: int | None = None, keep: int | None = None) -> list:
+        """Run encoder layers ``start .. end - 1`` on ``x`` = ``hidden_states[start]`` (whole window).
+
+        Returns ``hidden_states[start + 1 .. end]`` (``end`` defaults to the last layer, whose output
+        gets the final layer norm, as in Hugging Face), each cut to its first ``keep`` frames
+        (``None``: the whole window, e.g. to cache a frozen prefix and continue from it).
+        """
+        enc = self.encoder
+        n = len(enc.layers)
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"layers {start}..{end} outside 0..{n}")
+        states = []
+        for i in range(start, end):
+            x = enc.layers[i](x, None)
+            states.append(enc.layer_norm(x)[:, :keep] if i == n - 1 else x[:, :keep])
         return states
 
     # ------------------------------------------------------------------ audit
