@@ -30,38 +30,65 @@ def healthy(path: Path, **kw) -> Path:
     return write_fake_store(path, **{**args, **kw})
 
 
-def build_store(path: Path, n_speakers: int = 30, items_per_speaker: int = 6, num_layers: int = 3, dim: int = 16,
-                item=None, seed: int = 0, attrs: dict | None = None) -> Path:
-    """A store whose items come from ``item(rng, speaker, label, j) -> (frames (L, T, D), num_samples)``.
+def cue_item(rng, s, y, j, num_layers: int = 3, dim: int = 16, cue: float = 2.0, speaker: float = 0.5,
+             frames: tuple[int, int] = (4, 12)):
+    """Noise + a speaker offset in every layer + a label cue on the centre frames of layer 1."""
+    t = int(rng.integers(frames[0], frames[1] + 1))
+    x = rng.normal(size=(num_layers, t, dim)) + speaker * np.random.default_rng(1000 + s).normal(size=(num_layers, 1, dim))
+    x[1, max(0, t // 2 - 1): t // 2 + 1] += cue * np.random.default_rng(2000 + y).normal(size=dim)
+    return x, 320 * t + 80
 
-    Every speaker has one label (classes cycle over speakers).
+
+def build_store(path: Path, n_speakers: int = 30, items_per_speaker: int = 6, num_layers: int = 3, dim: int = 16,
+                item=None, seed: int = 0, attrs: dict | None = None, design=None, order=None,
+                extra: dict | None = None) -> Path:
+    """A store whose items come from ``item(rng, speaker, label, j) -> (frames (L, T, D), num_samples)``
+    (default :func:`cue_item`).
+
+    ``design``: ``(speaker, label index)`` per item; default ``n_speakers x items_per_speaker`` items,
+    every speaker with one label (classes cycle over speakers). ``order``: the stored order of the
+    items (a permutation; default as designed). ``extra``: ``{column: f(speaker, label, j) -> str}``.
     """
     rng = np.random.default_rng(seed)
-    rows, frames = [], []
-    for s in range(n_speakers):
-        y = s % len(CLASSES)
-        for j in range(items_per_speaker):
-            x, ns = item(rng, s, y, j)
-            x = np.asarray(x, dtype=np.float32)
-            rows.append({"id": f"spk{s:03d}_{j:03d}", "path": f"x/{s}_{j}.wav", "label": CLASSES[y],
-                         "group": f"spk{s:03d}", "num_samples": int(ns), "segment_start_frame": -1,
-                         "segment_end_frame": -1, "sha256": hashlib.sha256(x.tobytes() + bytes([s, j])).hexdigest(),
-                         "rms_db": float(-20 - rng.random() * 10)})
-            frames.append([x[k] for k in range(num_layers)])
+    if design is None:
+        design = [(s, s % len(CLASSES)) for s in range(n_speakers) for _ in range(items_per_speaker)]
+    item = item or (lambda r, s, y, j: cue_item(r, s, y, j, num_layers, dim))
+    rows, frames, seen = [], [], {}
+    for s, y in design:
+        j = seen[s] = seen.get(s, -1) + 1
+        x, ns = item(rng, s, y, j)
+        x = np.asarray(x, dtype=np.float32)
+        row = {"id": f"spk{s:03d}_{j:03d}", "path": f"x/{s}_{j}.wav", "label": CLASSES[y],
+               "group": f"spk{s:03d}", "num_samples": int(ns), "segment_start_frame": -1,
+               "segment_end_frame": -1, "sha256": hashlib.sha256(x.tobytes() + bytes([s % 256, j % 256])).hexdigest(),
+               "rms_db": float(-20 - rng.random() * 10)}
+        row.update({c: f(s, y, j) for c, f in (extra or {}).items()})
+        rows.append(row)
+        frames.append([x[k] for k in range(num_layers)])
+    if order is not None:
+        rows, frames = [rows[i] for i in order], [frames[i] for i in order]
     base = {"encoder": "test", "encoder_revision": "", "encoder_config": {}, "sample_rate": 16000,
             "frame_stride_samples": 320, "receptive_field_samples": 400, "first_frame_center_samples": 200.0,
             "manifest_sha256": "", "padding_exact": True, "padding_audit": {}, "created_at": "now",
             "versions": "{}"}
-    writer = StoreWriter.create(path, rows, {**base, **(attrs or {})}, [dim] * num_layers)
+    writer = StoreWriter.create(path, rows, {**base, **(attrs or {})}, [dim] * num_layers,
+                                extra_columns=list(extra or {}))
     writer.write_items([(i, {}, frames[i]) for i in range(len(rows))])
     return writer.finalize()
 
 
 def set_column(path: Path, name: str, values) -> None:
+    """Overwrite one ``items/`` column (strings, or numbers for a numeric column)."""
     with h5py.File(path, "a") as f:
+        old = f["items"][name]
+        numeric = old.dtype.kind in "iuf"
+        dtype = old.dtype
         del f["items"][name]
-        f["items"].create_dataset(name, data=np.array([str(v) for v in values], dtype=object),
-                                  dtype=h5py.string_dtype())
+        if numeric:
+            f["items"].create_dataset(name, data=np.asarray(values, dtype=dtype))
+        else:
+            f["items"].create_dataset(name, data=np.array([str(v) for v in values], dtype=object),
+                                      dtype=h5py.string_dtype())
 
 
 def column(path: Path, name: str) -> np.ndarray:
