@@ -144,8 +144,12 @@ def p_value(observed: float, null: np.ndarray) -> float:
 
 
 def logreg_oof(X: np.ndarray, y: np.ndarray, folds, k: int, class_weight: str | None = None,
-               seed: int = 0) -> np.ndarray:
-    """Out-of-fold predictions of the sweep's logistic-regression probe (C=1, standardised)."""
+               seed: int = 0, confound: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold predictions of the sweep's logistic-regression probe (C=1, standardised).
+
+    ``confound`` ``(n, c)``: regressed out of the features inside each fold (least squares fitted on
+    the training part, applied to both parts), so that the test part never shapes the correction.
+    """
     from probes.estimators import make_probe
 
     pred = np.full(len(y), -1, dtype=np.int64)
@@ -154,10 +158,14 @@ def logreg_oof(X: np.ndarray, y: np.ndarray, folds, k: int, class_weight: str | 
         if len(classes) < 2:
             pred[te] = classes[0]
             continue
+        Xtr, Xte = X[tr], X[te]
+        if confound is not None:
+            coef, *_ = np.linalg.lstsq(confound[tr], np.asarray(Xtr, dtype=np.float64), rcond=None)
+            Xtr, Xte = Xtr - confound[tr] @ coef, Xte - confound[te] @ coef
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = make_probe("logreg", class_weight=class_weight, random_state=seed).fit(X[tr], y[tr])
-        pred[te] = model.predict(X[te])
+            model = make_probe("logreg", class_weight=class_weight, random_state=seed).fit(Xtr, y[tr])
+        pred[te] = model.predict(Xte)
     return pred
 
 
