@@ -1,6 +1,8 @@
-"""`probes doctor`: a healthy store passes every step; each store broken in one way fails that step.
+"""`probes doctor`: the package API, a healthy store that passes every step, the report files, the
+command line, and the store builders the other doctor tests use (tests/test_doctor_checks.py: one
+store per check; tests/test_doctor_padded.py: the measured padding step).
 
-Stores are tiny (30 speakers x 6 items, 4 layers x 16 dims), folds 3, permutations 20.
+Stores are tiny (30 speakers x 6 items, 3-4 layers x 16 dims), folds 3, permutations 20.
 """
 from __future__ import annotations
 
@@ -409,3 +411,74 @@ def test_collapse_on_a_store_without_signal(tmp_path):
     assert s.caused_by == "label-shuffle control"
     assert report.step("layer profile").status == WARN
     assert report.step("layer profile").caused_by == "label-shuffle control"
+
+
+# ---------------------------------------------------------------------------------------------
+# The store is only read; the prepared view cannot be changed by a step
+# ---------------------------------------------------------------------------------------------
+def test_doctor_reads_a_read_only_store_and_never_writes_it(tmp_path):
+    import os
+    import stat
+
+    from featstore.store import write_pooled
+
+    path = healthy(tmp_path / "ro" / "h.h5")
+    write_pooled(path, "clip-mean", 1, np.zeros((180, 16), dtype=np.float32))  # a stale cache to check
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    os.chmod(path, stat.S_IRUSR)
+    os.chmod(path.parent, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        report = run_doctor(path, out_dir=tmp_path / "out", **FAST)
+    finally:
+        os.chmod(path.parent, stat.S_IRWXU)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["h.h5"]
+    s = report.step("padding and pooling")
+    assert s.status == FAIL and s.evidence["pooled_cache_mismatch"] == 1
+    assert report.step("label-shuffle control").status == PASS  # pooled from the frames, not the cache
+
+
+def test_the_view_is_frozen(tmp_path):
+    import dataclasses
+
+    from featstore.store import open_store
+    from probes.doctor.view import prepare_view, read_table
+
+    with open_store(healthy(tmp_path / "h.h5")) as store:
+        view = prepare_view(store, read_table(store, None, 3, 0), n_perm=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.y = view.y[::-1]
+    with pytest.raises(ValueError, match="read-only"):
+        view.y[0] = 1
+    with pytest.raises(ValueError, match="read-only"):
+        view.X(2, "stats")[0, 0] = 0.0
+    with pytest.raises(TypeError):
+        view.pooled[(2, "stats")] = None
+    with pytest.raises(ValueError, match="read-only"):
+        view.screen.best_pred[0] = 0
+    assert view.screen.best[0] == 2 and len(view.folds) == 3 and view.rows.tolist() == list(range(180))
+
+
+def test_paired_speaker_bootstrap_of_a_difference():
+    from probes.doctor._shared import paired_bootstrap_diff
+    from probes.metrics import balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"s{i}" for i in range(12)], 5).astype(object)
+    groups[:5] = ""  # five items without a speaker: each its own group
+    y = rng.integers(0, 3, size=60)
+    a = np.where(rng.random(60) < 0.8, y, (y + 1) % 3)
+    b = np.where(rng.random(60) < 0.5, y, (y + 2) % 3)
+    lo, hi = paired_bootstrap_diff(y, a, b, groups, 3, n_boot=200, seed=1)
+    # the same resamples written out: draw speakers with replacement, keep all their items
+    names = np.array(sorted(set(f"__item_{i}" if g == "" else g for i, g in enumerate(groups))))
+    filled = np.array([f"__item_{i}" if g == "" else g for i, g in enumerate(groups)])
+    w = np.random.default_rng(1).multinomial(len(names), np.full(len(names), 1 / len(names)), size=200)
+    diffs = []
+    for counts in w:
+        idx = np.concatenate([np.repeat(np.flatnonzero(filled == n), c) for n, c in zip(names, counts)])
+        diffs.append(balanced_accuracy(y[idx], a[idx], 3) - balanced_accuracy(y[idx], b[idx], 3))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
+    assert 0 < lo < hi
+    assert paired_bootstrap_diff(y, a, a, groups, 3, n_boot=50) == (0.0, 0.0)
