@@ -133,6 +133,19 @@ def test_loudness_confound_fails(tmp_path):
     assert abs(s.evidence["duration_balanced_accuracy"] - 1 / 3) < 0.2
 
 
+def test_weak_duration_confound_warns(tmp_path):
+    ranges = [(4, 11), (5, 12), (7, 14)]  # clip lengths overlap, but longer clips lean to one class
+
+    def item(rng, s, y, j):
+        return cue_item(rng, s, y, j, frames=ranges[y])
+
+    s = doctor(build_store(tmp_path / "w.h5", item=item), tmp_path).step("confounds")
+    assert s.status == WARN, s.message
+    assert 0.10 <= s.evidence["duration_balanced_accuracy"] - 1 / 3 < 0.20
+    assert s.evidence["significant"] == {"duration": "warn"}
+    assert s.advice.startswith("duration carries some label information")
+
+
 def test_label_decodable_only_through_speakers_warns(tmp_path):
     # no label cue, strong speakers; with speakers shared between train and test the label is
     # "decoded" by recognising the speaker, held-out speakers score at chance
@@ -185,6 +198,16 @@ def test_class_missing_from_a_test_part_warns(tmp_path):
     assert s.status == WARN, s.message
     assert s.evidence["folds_missing_a_class_in_test"] == 1 and s.evidence["folds_missing_a_class_in_train"] == 0
     assert "1 folds have a class missing from the test part" in s.message
+
+
+def test_items_without_a_group_warn(tmp_path):
+    path = healthy(tmp_path / "h.h5")
+    groups = column(path, "group")
+    groups[:6] = ""  # speaker 0's items lost their speaker
+    set_column(path, "group", groups)
+    s = doctor(path, tmp_path).step("fold sanity")
+    assert s.status == WARN
+    assert "6 items have no speaker group; each is treated as its own speaker" in s.message
 
 
 def test_speaker_column_that_differs_from_the_group_warns(tmp_path):

@@ -95,6 +95,19 @@ def test_padded_store_winning_only_through_duration_fails(tmp_path):
     assert f"Padded store (measured padding comparison): `{padded}`" in md
 
 
+def test_padded_advantage_vanishing_without_a_significant_duration_confound_warns(tmp_path):
+    # the same stores with 10 shuffles: the smallest p-value is 1/11, so duration alone is not a
+    # significant confound and the step cannot blame it - it warns instead
+    exact = build_store(tmp_path / "exact.h5", item=duration_item(cue=0.3))
+    padded = padded_copy(exact, tmp_path / "padded.h5", keep_padding(np.full(16, 3.0)))
+    report = doctor(exact, padded, tmp_path, n_permutations=10)
+    assert report.step("confounds").evidence["significant"] == {}
+    s = report.step("padding and pooling")
+    assert s.status == WARN, s.message
+    assert "the advantage vanishes when duration is regressed out" in s.message
+    assert "although duration alone is not a significant confound" in s.message
+
+
 def test_padded_store_without_a_duration_advantage_passes(tmp_path):
     # the padded recipe with true frames cut out: frames moved a little, no duration in the mean
     exact = build_store(tmp_path / "exact.h5", item=duration_item(cue=1.5))
