@@ -85,7 +85,7 @@ def test_padded_store_winning_only_through_duration_fails(tmp_path):
     assert ev["padded_minus_true"] >= 0.05
     assert ev["padded_minus_true_duration_regressed_out"] < 0.05
     assert report.step("confounds").evidence["significant"]["duration"] in (WARN, FAIL)
-    assert "the advantage vanishes once duration is regressed out" in s.message
+    assert "the advantage vanishes with duration regressed out of both inside each training fold" in s.message
     assert "pooling over padding encodes clip duration, which predicts the label (duration alone scores" in s.message
     assert "recipe: pad or cut to 1.0 s, padded frames kept" in s.message
     assert "simulated" not in s.message
@@ -104,7 +104,7 @@ def test_padded_advantage_vanishing_without_a_significant_duration_confound_warn
     assert report.step("confounds").evidence["significant"] == {}
     s = report.step("padding and pooling")
     assert s.status == WARN, s.message
-    assert "the advantage vanishes when duration is regressed out" in s.message
+    assert "the advantage vanishes with duration regressed out" in s.message
     assert "although duration alone is not a significant confound" in s.message
 
 

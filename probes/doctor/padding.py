@@ -256,26 +256,26 @@ def _measured(view: View, layer: int, ev, fails, warns, advice, dur, conf):
               padded_minus_true_duration_regressed_out=delta_resid,
               padded_label_mismatches=pad.label_mismatches)
     win = {"through_duration": False, "fail": False, "note": ""}
-    dur_words = (f"duration alone scores {dur_score:.2f} (see confounds)" if dur_score is not None
+    dur_words = (f"duration alone scores {dur_score:.2f}, step 2" if dur_score is not None
                  else "duration alone was not scored")
-    regressed = (f"with duration regressed out of both (inside each training fold) true {resid['true']:.2f} vs "
-                 f"padded {resid['padded']:.2f} ({delta_resid:+.2f})")
+    nums = f"true {resid['true']:.2f} vs padded {resid['padded']:.2f}, {delta_resid:+.2f}"
+    removed = "duration regressed out of both inside each training fold"
     if delta >= PADDED_WIN and delta_resid < PADDED_WIN and dur:
         win.update(through_duration=True, fail=True)
         fails.append(f"the padded store scores {delta:+.2f} higher than the exact one, and the advantage vanishes "
-                     f"once duration is regressed out ({regressed}): pooling over padding encodes clip duration, "
-                     f"which predicts the label ({dur_words})")
+                     f"with {removed} ({nums}): pooling over padding encodes clip duration, which predicts the "
+                     f"label ({dur_words})")
         advice.append("do not read the padded pipeline's advantage as a better representation: keep true-frame "
                       "pooling and report the duration-only score beside it")
     elif delta >= PADDED_WIN and delta_resid < PADDED_WIN:
-        warns.append(f"the padded store scores {delta:+.2f} higher, and the advantage vanishes when duration is "
-                     f"regressed out ({regressed}), although duration alone is not a significant confound")
+        warns.append(f"the padded store scores {delta:+.2f} higher, and the advantage vanishes with {removed} "
+                     f"({nums}), although duration alone is not a significant confound")
         advice.append("the padded store's advantage rides on clip duration: compare true-frame pooling with "
                       "duration balanced across classes")
     elif delta >= PADDED_WIN:
-        win["note"] = (f"; the padded store scores {delta:+.2f} higher and keeps {delta_resid:+.2f} with duration "
-                       "regressed out, so the advantage is not (only) duration")
+        win["note"] = (f"; the padded store scores {delta:+.2f} higher and keeps {delta_resid:+.2f} with {removed}, "
+                       "so the advantage is not (only) duration")
     else:
-        win["note"] = f"; {regressed}"
+        win["note"] = f"; with {removed}: {nums}"
     name = f"padded store {pad.path} ({_recipe_words(pad.attrs.get('padding_recipe'))}; {len(common)} items)"
     return name, scores, shares, win

@@ -17,7 +17,7 @@ from probes.doctor import (alignment, confounds, data_sanity, fold_sanity, imbal
 from probes.doctor.plot import profile_data
 from probes.doctor.report import write_report
 from probes.doctor.result import SKIP, STEPS, DoctorError, DoctorReport, Step, with_cause
-from probes.doctor.view import prepare_view, read_table
+from probes.doctor.view import check_paired, prepare_view, read_table
 
 #: steps 2-8 in order (step 1, data sanity, reads the items table before the view exists)
 AFTER_VIEW = (confounds, fold_sanity, alignment, shuffle_control, padding, layer_profile, imbalance)
@@ -49,6 +49,8 @@ def run_doctor(
     for what, p in (("baseline", baseline), ("padded", padded)):
         if p is not None and not Path(p).exists():
             raise DoctorError(f"no {what} store at {p}")
+        if p is not None:
+            check_paired(Path(p), what)
     if cv < 2:
         raise DoctorError(f"cv must be at least 2, got {cv}")
     if n_permutations < 0:

@@ -143,6 +143,19 @@ class PairedStore:
         return sorted({k for k, _ in self.pooled})
 
 
+def check_paired(path: Path, what: str) -> None:
+    """Refuse a baseline / padded store that cannot serve, before any work is done."""
+    try:
+        other = open_store(path)
+    except (OSError, ValueError) as exc:
+        raise DoctorError(f"{what}: {exc}") from None
+    with other:
+        if what == "padded" and bool(other.attrs.get("padding_exact", False)):
+            raise DoctorError(f"--padded: {path} is padding-exact (padding_exact=true), not the output of a "
+                              "padded pipeline; give a store written by the common recipe "
+                              "(featstore extract --emulate-padding SECONDS)")
+
+
 def _paired(view: "View", path: Path, what: str, poolings: Mapping[str, tuple[str, str]],
             layers: Sequence[int] | None) -> PairedStore:
     """Open ``path``, match its items to the view's by id and pool ``layers`` (None = all).
@@ -150,16 +163,9 @@ def _paired(view: "View", path: Path, what: str, poolings: Mapping[str, tuple[st
     ``poolings``: output name -> (method, scope) where scope ``auto`` means the view's scope when
     the other store allows it, else the clip.
     """
-    try:
-        other = open_store(path)
-    except (OSError, ValueError) as exc:
-        raise DoctorError(f"{what}: {exc}") from None
-    with other:
+    check_paired(path, what)
+    with open_store(path) as other:
         name = str(other.attrs.get("encoder", "") or Path(path).stem)
-        if what == "padded" and bool(other.attrs.get("padding_exact", False)):
-            raise DoctorError(f"--padded: {path} is padding-exact (padding_exact=true), not the output of a "
-                              "padded pipeline; give a store written by the common recipe "
-                              "(featstore extract --emulate-padding SECONDS)")
         status = other.column("status").astype(str)
         nfr = other.column("num_frames").astype(np.int64)
         ok = (status == OK) & (nfr > 0)
