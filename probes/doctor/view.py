@@ -30,8 +30,9 @@ from probes.pooling import item_spans, pooled_matrix, resolve_scope
 Fold = tuple[np.ndarray, np.ndarray]
 
 
-def _frozen(a: Any) -> np.ndarray:
-    a = np.array(a, copy=True)
+def _frozen(a: Any, copy: bool = True) -> np.ndarray:
+    """A read-only array (``copy=False`` for a fresh array nobody else holds)."""
+    a = np.array(a, copy=True) if copy else np.asarray(a)
     a.flags.writeable = False
     return a
 
@@ -198,7 +199,8 @@ def _paired(view: "View", path: Path, what: str, poolings: Mapping[str, tuple[st
         for layer in use:
             for out_name, (method, sc) in poolings.items():
                 pooled[(layer, out_name)] = _frozen(pool_from_frames(other, layer, method,
-                                                                     scope if sc == "auto" else sc, orows))
+                                                                     scope if sc == "auto" else sc, orows),
+                                                    copy=False)
         attrs = MappingProxyType(dict(other.attrs))
         frames = _frozen(nfr[orows])
     if len(common) == len(view.ids):
@@ -219,7 +221,8 @@ class View:
 
     Arrays are read-only; mappings are read-only proxies. ``pooled`` holds, per screened layer,
     ``stats`` (mean and std over the scope's frames; ``mean`` is its first half) and ``clip-mean``
-    when the scope is the segment. ``fatal`` names why the later steps cannot run (then ``folds``
+    when the scope is the segment; ``edge_spread[layer]`` is the mean over dimensions of the spread
+    across items of the first and of the last frame (NaN-aware). ``fatal`` names why the later steps cannot run (then ``folds``
     and ``screen`` are None).
     """
 
@@ -347,20 +350,19 @@ def prepare_view(store: Store, table: Table, n_perm: int, baseline: Path | None 
         if (~ok).any():
             bad_layers[layer] = int((~ok).sum())
         finite &= ok
-        first = pool_from_frames(store, layer, "first", "clip", rows)
-        last = pool_from_frames(store, layer, "last", "clip", rows)
-        edge[layer] = (first, last)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an all-NaN column: its spread is NaN
+            edge[layer] = tuple(float(np.nanmean(np.nanstd(pool_from_frames(store, layer, end, "clip", rows)
+                                                          .astype(np.float64), axis=0)))
+                                for end in ("first", "last"))
     cache_check, cache_notes = _cache_check(store, rows, table.layers)
     notes += cache_notes
     n_bad = int((~finite).sum())
     keep = np.flatnonzero(finite)
     if n_bad:
         notes.append(f"{n_bad} items with NaN/inf features left out of the later steps")
-    pooled = {key: _frozen(v[keep]) for key, v in pooled.items()}
-    spreads, constant = {}, {}
-    for layer, (first, last) in edge.items():
-        f, l = first[keep].astype(np.float64), last[keep].astype(np.float64)
-        spreads[layer] = (float(f.std(axis=0).mean()), float(l.std(axis=0).mean()))
+    pooled = {key: _frozen(v[keep], copy=False) for key, v in pooled.items()}
+    constant = {}
     for layer in table.layers:
         cm = (pooled[(layer, "clip-mean")] if scope != "clip" else
               pooled[(layer, "stats")][:, : pooled[(layer, "stats")].shape[1] // 2])
@@ -390,7 +392,7 @@ def prepare_view(store: Store, table: Table, n_perm: int, baseline: Path | None 
         rms_db=_frozen(table.rms_db[rows]), sha=_frozen(table.sha[rows]),
         extra=MappingProxyType({c: _frozen(v[rows]) for c, v in table.extra.items()}),
         layers=table.layers, scope=scope, pooled=MappingProxyType(pooled),
-        edge_spread=MappingProxyType(spreads), constant_share=MappingProxyType(constant),
+        edge_spread=MappingProxyType(edge), constant_share=MappingProxyType(constant),
         nonfinite=n_bad, nonfinite_per_layer=MappingProxyType(bad_layers),
         cache_check=MappingProxyType(cache_check), folds=folds, fold_warnings=tuple(fold_warnings),
         fatal=fatal, notes=tuple(notes), n_perm=n_perm, cv=table.cv, seed=table.seed,
