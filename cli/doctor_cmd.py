@@ -1,4 +1,8 @@
-"""`probes doctor FILE`: run the expert's debugging order on a store (registered by the probes app)."""
+"""`probes doctor FILE`: run the expert's debugging order on a store (registered by the probes app).
+
+Thin: parse the options, call :func:`probes.doctor.run_doctor` (which writes the report), print
+the summary table. Exit 1 when a step fails, 2 on a usage error (one line, no traceback).
+"""
 from __future__ import annotations
 
 import os
@@ -21,30 +25,27 @@ def _fail(console: Console, message: str) -> None:
 def doctor(
     file: Path = typer.Argument(..., help="The store (.h5) to check."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="An acoustic store of the same items (e.g. log-Mel) to compare with in the layer profile."),
+    padded: Optional[Path] = typer.Option(None, "--padded", help="A store of the same items written by the common padded recipe (featstore extract --emulate-padding): measured in the padding step instead of the simulation."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for doctor.md, doctor.json and figures (default cache/doctor/<store name>/)."),
     layers: str = typer.Option("all", "--layers", help="Layers to screen: all, 0-12, 0-3,6."),
-    n_permutations: int = typer.Option(100, "--n-permutations", help="Label shuffles for the shuffle control and the confound tests."),
+    n_permutations: int = typer.Option(100, "--n-permutations", help="Label shuffles for the confound tests, the label-shift test and the shuffle control."),
     cv: int = typer.Option(5, "--cv", help="Speaker-grouped folds."),
     seed: int = typer.Option(0, "--seed", help="Seed of folds, shuffles and probes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Print each step as it starts."),
 ) -> None:
-    """Check a store step by step (data, confounds, folds, overfit, shuffle control, padding, layers,
-    class weighting); exit 1 when a step fails."""
+    """Check a store step by step (data, confounds, folds, features and label alignment, shuffle
+    control, padding, layers, class weighting); exit 1 when a step fails."""
     from probes.doctor import DoctorError, run_doctor, summary_table
     from probes.sweep import SweepError, parse_layers
 
     err = Console(stderr=True)
-    if not file.exists():
-        _fail(err, f"no store at {file}")
-    if baseline is not None and not baseline.exists():
-        _fail(err, f"no baseline store at {baseline}")
     try:
         layer_list = parse_layers(layers)
     except SweepError as exc:
         _fail(err, f"--layers: {exc}")
     try:
-        report = run_doctor(file, baseline=baseline, out_dir=out, layers=layer_list, n_permutations=n_permutations,
-                            cv=cv, seed=seed, progress=progress)
+        report = run_doctor(file, baseline=baseline, padded=padded, out_dir=out, layers=layer_list,
+                            n_permutations=n_permutations, cv=cv, seed=seed, progress=progress)
     except (DoctorError, FileNotFoundError, OSError, ValueError, KeyError) as exc:
         if os.environ.get("PROBES_DEBUG"):
             raise

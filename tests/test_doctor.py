@@ -1,6 +1,8 @@
-"""`probes doctor`: a healthy store passes every step; each store broken in one way fails that step.
+"""`probes doctor`: the package API, a healthy store that passes every step, the report files, the
+command line, and the store builders the other doctor tests use (tests/test_doctor_checks.py: one
+store per check; tests/test_doctor_padded.py: the measured padding step).
 
-Stores are tiny (30 speakers x 6 items, 4 layers x 16 dims), folds 3, permutations 20.
+Stores are tiny (30 speakers x 6 items, 3-4 layers x 16 dims), folds 3, permutations 20.
 """
 from __future__ import annotations
 
@@ -30,38 +32,65 @@ def healthy(path: Path, **kw) -> Path:
     return write_fake_store(path, **{**args, **kw})
 
 
-def build_store(path: Path, n_speakers: int = 30, items_per_speaker: int = 6, num_layers: int = 3, dim: int = 16,
-                item=None, seed: int = 0, attrs: dict | None = None) -> Path:
-    """A store whose items come from ``item(rng, speaker, label, j) -> (frames (L, T, D), num_samples)``.
+def cue_item(rng, s, y, j, num_layers: int = 3, dim: int = 16, cue: float = 2.0, speaker: float = 0.5,
+             frames: tuple[int, int] = (4, 12)):
+    """Noise + a speaker offset in every layer + a label cue on the centre frames of layer 1."""
+    t = int(rng.integers(frames[0], frames[1] + 1))
+    x = rng.normal(size=(num_layers, t, dim)) + speaker * np.random.default_rng(1000 + s).normal(size=(num_layers, 1, dim))
+    x[1, max(0, t // 2 - 1): t // 2 + 1] += cue * np.random.default_rng(2000 + y).normal(size=dim)
+    return x, 320 * t + 80
 
-    Every speaker has one label (classes cycle over speakers).
+
+def build_store(path: Path, n_speakers: int = 30, items_per_speaker: int = 6, num_layers: int = 3, dim: int = 16,
+                item=None, seed: int = 0, attrs: dict | None = None, design=None, order=None,
+                extra: dict | None = None) -> Path:
+    """A store whose items come from ``item(rng, speaker, label, j) -> (frames (L, T, D), num_samples)``
+    (default :func:`cue_item`).
+
+    ``design``: ``(speaker, label index)`` per item; default ``n_speakers x items_per_speaker`` items,
+    every speaker with one label (classes cycle over speakers). ``order``: the stored order of the
+    items (a permutation; default as designed). ``extra``: ``{column: f(speaker, label, j) -> str}``.
     """
     rng = np.random.default_rng(seed)
-    rows, frames = [], []
-    for s in range(n_speakers):
-        y = s % len(CLASSES)
-        for j in range(items_per_speaker):
-            x, ns = item(rng, s, y, j)
-            x = np.asarray(x, dtype=np.float32)
-            rows.append({"id": f"spk{s:03d}_{j:03d}", "path": f"x/{s}_{j}.wav", "label": CLASSES[y],
-                         "group": f"spk{s:03d}", "num_samples": int(ns), "segment_start_frame": -1,
-                         "segment_end_frame": -1, "sha256": hashlib.sha256(x.tobytes() + bytes([s, j])).hexdigest(),
-                         "rms_db": float(-20 - rng.random() * 10)})
-            frames.append([x[k] for k in range(num_layers)])
+    if design is None:
+        design = [(s, s % len(CLASSES)) for s in range(n_speakers) for _ in range(items_per_speaker)]
+    item = item or (lambda r, s, y, j: cue_item(r, s, y, j, num_layers, dim))
+    rows, frames, seen = [], [], {}
+    for s, y in design:
+        j = seen[s] = seen.get(s, -1) + 1
+        x, ns = item(rng, s, y, j)
+        x = np.asarray(x, dtype=np.float32)
+        row = {"id": f"spk{s:03d}_{j:03d}", "path": f"x/{s}_{j}.wav", "label": CLASSES[y],
+               "group": f"spk{s:03d}", "num_samples": int(ns), "segment_start_frame": -1,
+               "segment_end_frame": -1, "sha256": hashlib.sha256(x.tobytes() + bytes([s % 256, j % 256])).hexdigest(),
+               "rms_db": float(-20 - rng.random() * 10)}
+        row.update({c: f(s, y, j) for c, f in (extra or {}).items()})
+        rows.append(row)
+        frames.append([x[k] for k in range(num_layers)])
+    if order is not None:
+        rows, frames = [rows[i] for i in order], [frames[i] for i in order]
     base = {"encoder": "test", "encoder_revision": "", "encoder_config": {}, "sample_rate": 16000,
             "frame_stride_samples": 320, "receptive_field_samples": 400, "first_frame_center_samples": 200.0,
             "manifest_sha256": "", "padding_exact": True, "padding_audit": {}, "created_at": "now",
             "versions": "{}"}
-    writer = StoreWriter.create(path, rows, {**base, **(attrs or {})}, [dim] * num_layers)
+    writer = StoreWriter.create(path, rows, {**base, **(attrs or {})}, [dim] * num_layers,
+                                extra_columns=list(extra or {}))
     writer.write_items([(i, {}, frames[i]) for i in range(len(rows))])
     return writer.finalize()
 
 
 def set_column(path: Path, name: str, values) -> None:
+    """Overwrite one ``items/`` column (strings, or numbers for a numeric column)."""
     with h5py.File(path, "a") as f:
+        old = f["items"][name]
+        numeric = old.dtype.kind in "iuf"
+        dtype = old.dtype
         del f["items"][name]
-        f["items"].create_dataset(name, data=np.array([str(v) for v in values], dtype=object),
-                                  dtype=h5py.string_dtype())
+        if numeric:
+            f["items"].create_dataset(name, data=np.asarray(values, dtype=dtype))
+        else:
+            f["items"].create_dataset(name, data=np.array([str(v) for v in values], dtype=object),
+                                      dtype=h5py.string_dtype())
 
 
 def column(path: Path, name: str) -> np.ndarray:
@@ -96,8 +125,8 @@ def test_healthy_store_passes_every_step(tmp_path):
     ev = report.step("label-shuffle control").evidence
     assert ev["p_value"] == pytest.approx(1 / 21, abs=1e-3)
     assert ev["shuffled_mean"] < 0.45
-    assert report.step("tiny-subset overfit").evidence["train_accuracy"]["logreg"] == 1.0
-    assert report.step("fold sanity").evidence["speaker_overlap"] == 0
+    ev = report.step("features and alignment").evidence
+    assert ev["items_nonfinite"] == 0 and ev["shift_gain"] < 0  # labels as given fit best
     # report files
     md = (tmp_path / "out" / "doctor.md").read_text()
     assert "![layer_profile](layer_profile.png)" in md and "| 5 | label-shuffle control | **pass** |" in md
@@ -168,18 +197,18 @@ def test_store_without_groups_warns_and_measures_the_leak(tmp_path):
     assert report.step("label-shuffle control").message.count("item-level shuffle") == 1
 
 
-def test_constant_features_fail_tiny_subset_overfit(tmp_path):
+def test_constant_features_fail_features_and_alignment(tmp_path):
     def item(rng, s, y, j):
         t = int(rng.integers(4, 12))
         return np.ones((3, t, 16)), 320 * t + 80
 
     report = run_doctor(build_store(tmp_path / "c.h5", item=item), out_dir=tmp_path / "out", **FAST)
-    assert_fails_at(report, "tiny-subset overfit")
-    s = report.step("tiny-subset overfit")
+    assert_fails_at(report, "features and alignment")
+    s = report.step("features and alignment")
     assert "constant across items in layer(s) 0,1,2" in s.message
-    assert s.evidence["train_accuracy"]["logreg"] < 0.8
-    later = [report.step(n) for n in STEPS[STEPS.index("tiny-subset overfit") + 1:]]
-    assert all(x.caused_by == "tiny-subset overfit" for x in later if x.status == FAIL)
+    assert s.evidence["constant_dims_share"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+    later = [report.step(n) for n in STEPS[STEPS.index("features and alignment") + 1:]]
+    assert all(x.caused_by == "features and alignment" for x in later if x.status == FAIL)
     assert report.step("label-shuffle control").status == FAIL
 
 
@@ -339,7 +368,7 @@ def test_cli_exit_codes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # More single defects
 # ---------------------------------------------------------------------------------------------
-def test_nan_frames_fail_tiny_subset_overfit(tmp_path):
+def test_nan_frames_fail_features_and_alignment(tmp_path):
     def item(rng, s, y, j):
         t = int(rng.integers(4, 12))
         x = rng.normal(size=(3, t, 16)) + np.eye(16)[y] * 2
@@ -348,8 +377,8 @@ def test_nan_frames_fail_tiny_subset_overfit(tmp_path):
         return x, 320 * t + 80
 
     report = run_doctor(build_store(tmp_path / "n.h5", item=item), out_dir=tmp_path / "out", **FAST)
-    assert_fails_at(report, "tiny-subset overfit")
-    s = report.step("tiny-subset overfit")
+    assert_fails_at(report, "features and alignment")
+    s = report.step("features and alignment")
     assert s.evidence["items_nonfinite"] == 30 and s.evidence["nonfinite_items_per_layer"] == {"1": 30}
     assert "30 items have NaN/inf features (layers 1)" in s.message
     # the other 150 items still carry the label
@@ -365,7 +394,8 @@ def test_padding_audit_of_a_non_exact_store_warns(tmp_path):
     report = run_doctor(path, out_dir=tmp_path / "out", **FAST)
     s = report.step("padding and pooling")
     assert s.status == WARN
-    assert "change frames by up to 2.50 (layer 1) and this store was not extracted padding-exact" in s.message
+    assert s.message.startswith("this store is not padding-exact (recipe not recorded)")
+    assert "moves frames by up to 2.50 (layer 1; 8 clips padded to 1.0 s" in s.message
     assert s.evidence["audit_max_abs"] == 2.5 and s.evidence["audit_mean_abs"] == 0.3
 
 
@@ -381,3 +411,74 @@ def test_collapse_on_a_store_without_signal(tmp_path):
     assert s.caused_by == "label-shuffle control"
     assert report.step("layer profile").status == WARN
     assert report.step("layer profile").caused_by == "label-shuffle control"
+
+
+# ---------------------------------------------------------------------------------------------
+# The store is only read; the prepared view cannot be changed by a step
+# ---------------------------------------------------------------------------------------------
+def test_doctor_reads_a_read_only_store_and_never_writes_it(tmp_path):
+    import os
+    import stat
+
+    from featstore.store import write_pooled
+
+    path = healthy(tmp_path / "ro" / "h.h5")
+    write_pooled(path, "clip-mean", 1, np.zeros((180, 16), dtype=np.float32))  # a stale cache to check
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    os.chmod(path, stat.S_IRUSR)
+    os.chmod(path.parent, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        report = run_doctor(path, out_dir=tmp_path / "out", **FAST)
+    finally:
+        os.chmod(path.parent, stat.S_IRWXU)
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["h.h5"]
+    s = report.step("padding and pooling")
+    assert s.status == FAIL and s.evidence["pooled_cache_mismatch"] == 1
+    assert report.step("label-shuffle control").status == PASS  # pooled from the frames, not the cache
+
+
+def test_the_view_is_frozen(tmp_path):
+    import dataclasses
+
+    from featstore.store import open_store
+    from probes.doctor.view import prepare_view, read_table
+
+    with open_store(healthy(tmp_path / "h.h5")) as store:
+        view = prepare_view(store, read_table(store, None, 3, 0), n_perm=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.y = view.y[::-1]
+    with pytest.raises(ValueError, match="read-only"):
+        view.y[0] = 1
+    with pytest.raises(ValueError, match="read-only"):
+        view.X(2, "stats")[0, 0] = 0.0
+    with pytest.raises(TypeError):
+        view.pooled[(2, "stats")] = None
+    with pytest.raises(ValueError, match="read-only"):
+        view.screen.best_pred[0] = 0
+    assert view.screen.best[0] == 2 and len(view.folds) == 3 and view.rows.tolist() == list(range(180))
+
+
+def test_paired_speaker_bootstrap_of_a_difference():
+    from probes.doctor._shared import paired_bootstrap_diff
+    from probes.metrics import balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"s{i}" for i in range(12)], 5).astype(object)
+    groups[:5] = ""  # five items without a speaker: each its own group
+    y = rng.integers(0, 3, size=60)
+    a = np.where(rng.random(60) < 0.8, y, (y + 1) % 3)
+    b = np.where(rng.random(60) < 0.5, y, (y + 2) % 3)
+    lo, hi = paired_bootstrap_diff(y, a, b, groups, 3, n_boot=200, seed=1)
+    # the same resamples written out: draw speakers with replacement, keep all their items
+    names = np.array(sorted(set(f"__item_{i}" if g == "" else g for i, g in enumerate(groups))))
+    filled = np.array([f"__item_{i}" if g == "" else g for i, g in enumerate(groups)])
+    w = np.random.default_rng(1).multinomial(len(names), np.full(len(names), 1 / len(names)), size=200)
+    diffs = []
+    for counts in w:
+        idx = np.concatenate([np.repeat(np.flatnonzero(filled == n), c) for n, c in zip(names, counts)])
+        diffs.append(balanced_accuracy(y[idx], a[idx], 3) - balanced_accuracy(y[idx], b[idx], 3))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
+    assert 0 < lo < hi
+    assert paired_bootstrap_diff(y, a, a, groups, 3, n_boot=50) == (0.0, 0.0)
