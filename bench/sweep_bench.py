@@ -43,7 +43,7 @@ def plain_sklearn_bacc(store_path: Path, row: dict, cv: int, seed: int,
     from sklearn.preprocessing import StandardScaler
 
     import featstore
-    from probes.cv import make_folds
+    from featstore.cv import make_folds
     from probes.pooling import pooled_matrix
 
     with featstore.open(store_path) as st:

@@ -66,7 +66,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from featstore.store import OK, Store, open_store
-from probes.cv import FoldError, FoldWarning, describe_folds, make_folds
+from featstore.cv import FoldError, FoldWarning, describe_folds, make_folds
 from probes.metrics import bacc_from_confusion, confusion, group_confusions
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"

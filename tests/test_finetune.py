@@ -240,7 +240,7 @@ def test_cli_user_errors(tiny_models, clips, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from cli.finetune_cmd import finetune as command
+    from featstore_cli.finetune_cmd import finetune as command
 
     app = typer.Typer()
     app.command()(command)
