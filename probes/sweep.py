@@ -35,7 +35,6 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -342,7 +341,6 @@ def _configs(sd: StoreData, cfg: SweepConfig, notes: list[str] | None = None) ->
     return out
 
 
-@lru_cache(maxsize=256)
 def _probe_params_json(probe: str, class_weight: str, seed: int, params_json: str) -> str:
     """Every parameter of the probe as built for a cell, defaults included (minus thread counts)."""
     from probes.estimators import make_probe

@@ -290,7 +290,8 @@ def test_nested_selection_is_blind_to_the_scored_fold_and_other_folds_is_not(sto
     pd.testing.assert_frame_equal(a, b)
     assert n1["score"] < n0["score"] - 0.2  # fold 0 itself is ruined: its score drops
     o0, o1 = clean.best["other_folds"]["folds"][0], dirty.best["other_folds"]["folds"][0]
-    assert abs(o0["selection_score"] - o1["selection_score"]) > 0.05  # the other folds saw fold 0
+    assert abs(o0["selection_score"] - o1["selection_score"]) > 0.05  # the other folds saw fold 0 ...
+    assert o0["config"] == n0["config"] and o1["config"] != n1["config"]  # ... and it changes the choice
 
 
 def test_nested_inner_fits_use_only_the_outer_training_part(stores, tmp_path, monkeypatch):
@@ -371,8 +372,6 @@ def test_stores_with_different_folds_get_no_shared_headline(stores, tmp_path):
 def test_cells_refit_when_versions_or_estimator_defaults_change(stores, tmp_path, monkeypatch):
     import probes.cache as pc
     import probes.estimators as est
-    import probes.sweep as sw
-
     kw = dict(layers=[1], poolings=["max"], probes=["logreg"], class_weights=["none"], nested="off",
               out_dir=tmp_path, **FAST)
     first = run_sweep([stores["good"]], **kw)
@@ -385,10 +384,8 @@ def test_cells_refit_when_versions_or_estimator_defaults_change(stores, tmp_path
     assert run_sweep([stores["good"]], **kw).n_fitted == 0
     defaults = est.LogRegProbe.__init__.__defaults__
     monkeypatch.setattr(est.LogRegProbe.__init__, "__defaults__", (1.0, None, 500, 0))  # max_iter 2000 -> 500
-    sw._probe_params_json.cache_clear()
     assert run_sweep([stores["good"]], **kw).n_fitted == 3
     monkeypatch.setattr(est.LogRegProbe.__init__, "__defaults__", defaults)
-    sw._probe_params_json.cache_clear()
     assert run_sweep([stores["good"]], **kw).n_fitted == 0
 
 
