@@ -48,6 +48,13 @@ def _check_method(method: str, center_k: int = 1) -> None:
         raise ValueError(f"center_k must be a positive integer, got {center_k!r}")
 
 
+def _f64(data: np.ndarray) -> np.ndarray:
+    """A float64 copy (exact; ``np.copyto`` converts float16 several times faster than ``astype``)."""
+    out = np.empty(data.shape, dtype=np.float64)
+    np.copyto(out, data)
+    return out
+
+
 def _span_index(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Frame indices of all spans, concatenated, and the CSR row pointer of each span in them."""
     lengths = stops - starts
@@ -91,14 +98,14 @@ def _pool_spans(data: np.ndarray, starts: np.ndarray, stops: np.ndarray, method:
     elif method == "center":
         k = np.minimum(center_k, lengths)
         lo = starts + (lengths - k) // 2
-        out = data[lo] if center_k == 1 else _span_operator(lo, lo + k, len(data)) @ data.astype(np.float64)
+        out = data[lo] if center_k == 1 else _span_operator(lo, lo + k, len(data)) @ _f64(data)
     elif method == "max":
         out = _span_max(data, starts, stops)
     elif method == "mean":
-        out = _span_operator(starts, stops, len(data)) @ data.astype(np.float64)
+        out = _span_operator(starts, stops, len(data)) @ _f64(data)
     else:  # stats: two-pass over each span's own frames, in float64
         index, _ = _span_index(starts, stops)
-        x = data[index].astype(np.float64)
+        x = _f64(data[index])
         op = _span_operator(starts, stops, len(index), cols=np.arange(len(index)))
         mean = op @ x
         x -= np.repeat(mean, lengths, axis=0)
@@ -263,7 +270,7 @@ class _Long:
             m = piece.max(axis=0)
             self.max = m if self.max is None else np.maximum(self.max, m)
             return
-        x = piece.astype(np.float64)
+        x = _f64(piece)
         nb = len(x)
         mb = x.mean(axis=0)
         n = self.n + nb

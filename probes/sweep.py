@@ -779,7 +779,8 @@ class Sweep:
                 res = results[c.key]
                 inner_rows.append({"store": c.sd.name, "config": c.conf.key, "probe": c.conf.probe, "fold": c.fold,
                                    "inner_fold": c.inner, "n_train": len(c.train), "n_test": len(c.test),
-                                   "balanced_accuracy": M.balanced_accuracy(c.sd.y[c.test], res["pred"], len(c.sd.classes))})
+                                   "balanced_accuracy": M.balanced_accuracy(c.sd.y[c.test], res["pred"], len(c.sd.classes)),
+                                   "fit_seconds": res["fit_seconds"], "fit_cpu_seconds": res["fit_cpu_seconds"]})
         for sd in datas:
             k = len(sd.classes)
             split = M.binary_split(cfg.label_map, sd.classes) if cfg.label_map else None
@@ -818,7 +819,7 @@ class Sweep:
         summary = pd.DataFrame(summ_rows)
         predictions = pd.concat(pred_frames, ignore_index=True) if pred_frames else pd.DataFrame()
         inner = pd.DataFrame(inner_rows, columns=["store", "config", "probe", "fold", "inner_fold", "n_train",
-                                                  "n_test", "balanced_accuracy"])
+                                                  "n_test", "balanced_accuracy", "fit_seconds", "fit_cpu_seconds"])
         return folds, summary, predictions, inner
 
     def _summarise(self, conf: Config, rows: list[dict], sd: StoreData, pred: np.ndarray, base_cols: dict) -> dict:

@@ -285,8 +285,9 @@ def test_nested_selection_is_blind_to_the_scored_fold_and_other_folds_is_not(sto
     n0, n1 = clean.best["headline"]["folds"][0], dirty.best["headline"]["folds"][0]
     assert clean.best["headline_method"] == dirty.best["headline_method"] == "nested"
     assert (n0["config"], n0["selection_score"]) == (n1["config"], n1["selection_score"])
-    a = clean.inner[clean.inner["fold"] == 0].reset_index(drop=True)
-    b = dirty.inner[dirty.inner["fold"] == 0].reset_index(drop=True)
+    cols = ["config", "fold", "inner_fold", "n_train", "n_test", "balanced_accuracy"]
+    a = clean.inner.loc[clean.inner["fold"] == 0, cols].reset_index(drop=True)
+    b = dirty.inner.loc[dirty.inner["fold"] == 0, cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
     assert n1["score"] < n0["score"] - 0.2  # fold 0 itself is ruined: its score drops
     o0, o1 = clean.best["other_folds"]["folds"][0], dirty.best["other_folds"]["folds"][0]
