@@ -303,6 +303,13 @@ def _prepare_store(path: Path, cfg: SweepConfig, notes: list[str]) -> StoreData:
             except ValueError as exc:
                 raise SweepError(f"{path}: {exc}") from None
         inner = nested_folds(folds, lab, groups, cfg.inner_cv, cfg.seed) if cfg.nested != "off" else []
+        filled = fill_groups(groups)
+        ungrouped = [f for f, part in enumerate(inner)
+                     if (groups != "").any() and any(set(filled[a]) & set(filled[b]) for a, b in part)]
+        if ungrouped:
+            notes.append(f"{name}: the inner folds of outer fold(s) {_fmt_layers(ungrouped)} are stratified by item, "
+                         "not grouped by speaker (too few speakers per class in the outer training part), so "
+                         "their selection can reward remembering speakers; the outer score is still held out")
         return StoreData(
             path=path, name=name, encoder=str(store.attrs.get("encoder", "")), identity=store.identity(),
             scope=scope, rows=rows, ids=store.column("id")[rows], labels=lab, groups=groups,

@@ -425,3 +425,18 @@ def test_sweep_never_writes_the_store(stores, tmp_path, monkeypatch):
     assert len(list((tmp_path / "user").glob("pooled/*/*.npy"))) == 2
     cols = [c for c in res.summary.columns if not c.startswith("fit_")]
     pd.testing.assert_frame_equal(again.summary[cols], res.summary[cols])
+
+
+def test_too_few_speakers_for_grouped_inner_folds_is_said(tmp_path):
+    """Two speakers per class: an outer training part holds one speaker per class, so its inner
+    folds cannot be speaker-grouped; the sweep says so (the headline is still nested)."""
+    path = write_fake_store(tmp_path / "few.h5", n_speakers=6, items_per_speaker=6, num_layers=2, dim=4,
+                            informative_layers=(1,), class_probs=(1, 1, 1), seed=2)
+    with h5py.File(path, "r") as h5:
+        g = [v.decode() for v in h5["items/group"][:]]
+        y = [v.decode() for v in h5["items/label"][:]]
+    assert all(len({s for s, l in zip(g, y) if l == c}) == 2 for c in set(y))
+    res = run_sweep([path], poolings=["mean"], probes=["logreg"], class_weights=["none"], out_dir=tmp_path / "o",
+                    **{**FAST, "cv": 2})
+    assert any("not grouped by speaker" in n for n in res.notes)
+    assert res.best["headline_method"] == "nested"
