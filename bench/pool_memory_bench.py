@@ -1,7 +1,8 @@
 """Peak memory of pooling a large float16 store, next to a 10x smaller one: memory follows the chunk.
 
 Builds two stores of one 768-wide float16 layer (default: 10,000,000 frames, ~15.4 GB on disk, and
-1,000,000 frames), then pools each (``mean`` and ``stats`` over every item's true frames,
+1,000,000 frames; items of ~200 frames, or with ``--same-items`` the small store's items 10x shorter so
+that both have about as many items), then pools each (``mean`` and ``stats`` over every item's true frames,
 ``probes.pooling.pooled_matrix(..., cache=False)``) in a fresh subprocess run under
 ``/usr/bin/time -v`` (when present), and prints for each: seconds, frames/s, the child's peak RSS
 (``resource.getrusage(RUSAGE_SELF)`` at its end, and ``time -v``'s "Maximum resident set size"),
@@ -15,7 +16,8 @@ printed beside; the load average before and after.
                                       [--workdir /tmp/pool_memory_bench] [--keep] [--methods mean,stats]
 
 Checks the free disk space first (both stores plus 10 %) and deletes the stores afterwards unless
-``--keep``. ``--frames 200000`` is a one-minute check that the script runs.
+``--keep`` (``--reuse`` then takes them instead of building them again). ``--frames 200000`` is a
+one-minute check that the script runs.
 """
 from __future__ import annotations
 
@@ -102,6 +104,19 @@ def measure(store: Path, method: str) -> dict:
     return out
 
 
+def _frames_of(path: Path) -> int | None:
+    """Frames of an existing store (None when absent or unreadable)."""
+    if not path.exists():
+        return None
+    try:
+        import featstore
+
+        with featstore.open(path) as st:
+            return int(st.column("num_frames").sum())
+    except (OSError, ValueError):
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=10_000_000)
@@ -110,6 +125,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pool_memory_bench"))
     ap.add_argument("--methods", default="mean,stats")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--reuse", action="store_true", help="use stores of the right size left by an earlier --keep run")
+    ap.add_argument("--same-items", action="store_true",
+                    help="give the small store as many items as the large one (10x shorter items), so that the "
+                         "pooled results have the same size and peak RSS compares directly")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="mean", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,18 +145,23 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.workdir).free
     print(f"{load_text()} before; disk: {free / 1e9:.1f} GB free in {args.workdir}, {need / 1e9:.1f} GB needed")
-    if free < need:
+    if free < need and not args.reuse:
         raise SystemExit("not enough free disk space; use --workdir elsewhere or fewer --frames")
     chunk_frames = fs.CHUNK_BYTES // (8 * args.dim)
     print(f"chunk: {fs.CHUNK_BYTES / 2**20:.0f} MiB of float64 = {chunk_frames} frames of {args.dim} dims")
     stores = {}
     try:
         for name, n in sizes.items():
-            path = args.workdir / f"{name}_{n}x{args.dim}_f16.h5"
+            per_item = max(2, args.frames_per_item // 10) if (name == "small" and args.same_items) else args.frames_per_item
+            path = args.workdir / f"{name}_{n}x{args.dim}_f16_{per_item}fpi.h5"
+            if args.reuse and _frames_of(path) == n:
+                stores[name] = path
+                print(f"reusing {path} ({n:,} frames, {path.stat().st_size / 1e9:.2f} GB)")
+                continue
             for p in (path, fs.partial_path(path)):
                 if p.exists():
                     p.unlink()
-            info = build_store(path, n, args.dim, args.frames_per_item)
+            info = build_store(path, n, args.dim, per_item)
             stores[name] = path
             print(f"built {name}: {info['frames']:,} frames, {info['items']:,} items, {info['bytes'] / 1e9:.2f} GB "
                   f"on disk, in {info['seconds']:.0f} s")

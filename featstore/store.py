@@ -379,16 +379,26 @@ class Store:
         return max(1, budget // (8 * max(1, self.layer_dim(k))))
 
     def iter_span_chunks(self, k: int, starts: np.ndarray, stops: np.ndarray,
-                         chunk_frames: int | None = None) -> Iterator[SpanChunk]:
+                         chunk_frames: int | None = None, reuse_buffer: bool = False) -> Iterator[SpanChunk]:
         """Stream the frames of half-open spans ``[starts[i], stops[i])`` of layer ``k``.
 
         Spans are visited in offset order and grouped so that each group is one sequential slice of
         at most ``chunk_frames`` frames (default :meth:`chunk_frames`); a span longer than that
         comes in several ``partial`` pieces. Empty spans are skipped. Frames keep the stored dtype
-        (no float32 copy of a float16 layer); the memory held is one chunk.
+        (no float32 copy of a float16 layer); the memory held is one chunk. With
+        ``reuse_buffer=True`` every chunk is read into the same buffer (no allocation per chunk):
+        ``data`` is then only valid until the next chunk is requested.
         """
         ds = self.h5["layers"][layer_name(k)]
         size = self.chunk_frames(k) if chunk_frames is None else max(1, int(chunk_frames))
+        buf = np.empty((size, ds.shape[1]), dtype=ds.dtype) if reuse_buffer else None
+
+        def read(a: int, b: int) -> np.ndarray:
+            if buf is None or b <= a:
+                return ds[a:b]
+            ds.read_direct(buf, np.s_[a:b], np.s_[0 : b - a])
+            return buf[: b - a]
+
         starts = np.asarray(starts, dtype=np.int64)
         stops = np.asarray(stops, dtype=np.int64)
         live = np.flatnonzero(stops > starts)
@@ -399,20 +409,20 @@ class Store:
             a, b = int(starts[i]), int(stops[i])
             if b - a > size:
                 if group:
-                    yield SpanChunk(np.asarray(group, dtype=np.int64), lo, ds[lo:hi])
+                    yield SpanChunk(np.asarray(group, dtype=np.int64), lo, read(lo, hi))
                     group = []
                 for p in range(a, b, size):
-                    yield SpanChunk(np.array([i], dtype=np.int64), p, ds[p:min(b, p + size)], partial=True)
+                    yield SpanChunk(np.array([i], dtype=np.int64), p, read(p, min(b, p + size)), partial=True)
                 continue
             if group and max(hi, b) - lo > size:
-                yield SpanChunk(np.asarray(group, dtype=np.int64), lo, ds[lo:hi])
+                yield SpanChunk(np.asarray(group, dtype=np.int64), lo, read(lo, hi))
                 group = []
             if not group:
                 lo, hi = a, b
             group.append(i)
             hi = max(hi, b)
         if group:
-            yield SpanChunk(np.asarray(group, dtype=np.int64), lo, ds[lo:hi])
+            yield SpanChunk(np.asarray(group, dtype=np.int64), lo, read(lo, hi))
 
     def read_frames(self, k: int, index: np.ndarray, chunk_frames: int | None = None,
                     dtype: Any = None) -> np.ndarray:

@@ -48,9 +48,13 @@ def _check_method(method: str, center_k: int = 1) -> None:
         raise ValueError(f"center_k must be a positive integer, got {center_k!r}")
 
 
-def _f64(data: np.ndarray) -> np.ndarray:
-    """A float64 copy (exact; ``np.copyto`` converts float16 several times faster than ``astype``)."""
-    out = np.empty(data.shape, dtype=np.float64)
+def _f64(data: np.ndarray, work: np.ndarray | None = None) -> np.ndarray:
+    """A float64 copy (exact; ``np.copyto`` converts float16 several times faster than ``astype``),
+    into the reusable buffer ``work`` when it is large enough (no allocation per chunk)."""
+    if work is not None and len(work) >= len(data) and work.shape[1:] == data.shape[1:]:
+        out = work[: len(data)]
+    else:
+        out = np.empty(data.shape, dtype=np.float64)
     np.copyto(out, data)
     return out
 
@@ -85,10 +89,13 @@ def _span_max(data: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.nda
     return out
 
 
-def _pool_spans(data: np.ndarray, starts: np.ndarray, stops: np.ndarray, method: str, center_k: int) -> np.ndarray:
+def _pool_spans(data: np.ndarray, starts: np.ndarray, stops: np.ndarray, method: str, center_k: int,
+                work: np.ndarray | None = None) -> np.ndarray:
     """Pool ``data[starts[i]:stops[i]]`` for every span (all non-empty); returns float32 rows.
 
     Means are sparse averaging products in float64; nothing outside the spans enters a result.
+    ``work`` is an optional float64 buffer of at least ``len(data)`` rows, reused across chunks so
+    that streaming allocates nothing of the chunk's size.
     """
     lengths = stops - starts
     if method == "first":
@@ -98,18 +105,21 @@ def _pool_spans(data: np.ndarray, starts: np.ndarray, stops: np.ndarray, method:
     elif method == "center":
         k = np.minimum(center_k, lengths)
         lo = starts + (lengths - k) // 2
-        out = data[lo] if center_k == 1 else _span_operator(lo, lo + k, len(data)) @ _f64(data)
+        out = data[lo] if center_k == 1 else _span_operator(lo, lo + k, len(data)) @ _f64(data, work)
     elif method == "max":
         out = _span_max(data, starts, stops)
     elif method == "mean":
-        out = _span_operator(starts, stops, len(data)) @ _f64(data)
+        out = _span_operator(starts, stops, len(data)) @ _f64(data, work)
     else:  # stats: two-pass over each span's own frames, in float64
-        index, _ = _span_index(starts, stops)
-        x = _f64(data[index])
+        index, indptr = _span_index(starts, stops)
+        contiguous = len(index) and index[-1] - index[0] + 1 == len(index) and (np.diff(index) == 1).all()
+        x = _f64(data[index[0] : index[-1] + 1] if contiguous else data[index], work)
         op = _span_operator(starts, stops, len(index), cols=np.arange(len(index)))
         mean = op @ x
-        x -= np.repeat(mean, lengths, axis=0)
-        out = np.concatenate([mean, np.sqrt(op @ (x * x))], axis=1)
+        for a, b, mu in zip(indptr[:-1].tolist(), indptr[1:].tolist(), mean):  # in place: no (frames, dim) temp
+            x[a:b] -= mu
+        np.multiply(x, x, out=x)
+        out = np.concatenate([mean, np.sqrt(op @ x)], axis=1)
     return np.asarray(out, dtype=np.float32)
 
 
@@ -300,7 +310,9 @@ def _pool_streamed(store: Store, layer: int, method: str, starts: np.ndarray, st
     s = np.where(live, s, 0)
     e = np.where(live, e, 0)
     long: dict[int, _Long] = {}
-    for chunk in store.iter_span_chunks(layer, s, e, chunk_frames):
+    size = store.chunk_frames(layer) if chunk_frames is None else max(1, int(chunk_frames))
+    work = np.empty((size, dim), dtype=np.float64)  # one float64 buffer for every chunk
+    for chunk in store.iter_span_chunks(layer, s, e, size, reuse_buffer=True):
         if chunk.partial:
             i = int(chunk.spans[0])
             acc = long.setdefault(i, _Long(dim))
@@ -309,7 +321,7 @@ def _pool_streamed(store: Store, layer: int, method: str, starts: np.ndarray, st
                 out[i] = long.pop(i).result(reducer)
             continue
         idx = chunk.spans
-        out[idx] = _pool_spans(chunk.data, s[idx] - chunk.lo, e[idx] - chunk.lo, reducer, 1)
+        out[idx] = _pool_spans(chunk.data, s[idx] - chunk.lo, e[idx] - chunk.lo, reducer, 1, work)
     return out
 
 
@@ -342,13 +354,15 @@ def pooled_matrix(
     if not cache:
         uniq, inverse = np.unique(rows, return_inverse=True)
         values = _pool_streamed(store, layer, method, starts[uniq], stops[uniq], int(center_k), chunk_frames)
-        return np.ascontiguousarray(values[inverse.reshape(-1)], dtype=np.float32)
+        return values if np.array_equal(uniq, rows) else values[inverse.reshape(-1)]  # no copy when sorted
     pc = PooledCache(store)
     shape = (store.num_items, store.layer_dim(layer) * (2 if method == "stats" else 1))
     values = pc.get(key, layer, shape)
     if values is None:
         values = _pool_streamed(store, layer, method, starts, stops, int(center_k), chunk_frames)
         pc.put(key, layer, values)
+    if np.array_equal(rows, np.arange(store.num_items)):
+        return values
     return np.ascontiguousarray(values[rows], dtype=np.float32)
 
 

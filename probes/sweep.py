@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 
 from featstore.cv import describe_folds, fill_groups, fit_groups, fold_ids, make_folds, nested_folds
-from featstore.layerspec import LayerSpec, LayerSpecError, format_layers, parse_layers as parse_layer_spec, select_layers
+from featstore.layerspec import LayerSpecError, select_layers
+from featstore.layerspec import parse_layers as parse_layer_spec
 from featstore.store import OK, Store, open_store
 from probes import metrics as M
 from probes import selection as S

@@ -372,6 +372,11 @@ class _SpyDataset:
         self._reads.append((out.shape[0], out.dtype))
         return out
 
+    def read_direct(self, dest, source_sel, dest_sel):
+        self._ds.read_direct(dest, source_sel, dest_sel)
+        sel = source_sel if isinstance(source_sel, slice) else source_sel[0]
+        self._reads.append((len(range(*sel.indices(self._ds.shape[0]))), dest.dtype))
+
     def __getattr__(self, name):
         return getattr(self._ds, name)
 
