@@ -78,7 +78,8 @@ def main() -> None:
     # warm the pooled cache the way a first `probes analyze` does, and time it separately
     t = time.perf_counter()
     layer_profile(store, methods=("cka",), n_boot=0, n_shuffle=0)
-    print(f"pooling all layers (first read, cached afterwards) + CKA only: {time.perf_counter() - t:.1f} s", flush=True)
+    warm = time.perf_counter() - t
+    print(f"pooling all layers (first read, cached beside the store afterwards) + CKA only: {warm:.1f} s", flush=True)
 
     if args.breakdown:
         for method in methods:
@@ -96,7 +97,8 @@ def main() -> None:
     total, cpu = time.perf_counter() - t, cpu_seconds() - c
     print(f"full analyze call ({','.join(methods)}; label + group; profile + {args.layers}x{args.layers} heatmaps + plots): "
           f"{total:.1f} s = {total / 60:.2f} min wall, {cpu:.0f} CPU-s (workers still alive counted); "
-          f"load average now {load_average():.1f}", flush=True)
+          f"load average now {load_average():.1f}; {total / max(warm, 1e-9):.1f} x the pooling + CKA pass of this run",
+          flush=True)
     p = res.profile
     real = p[~p.shuffled]
     for (method, target), e in real.groupby(["method", "target"], sort=False):

@@ -1,42 +1,18 @@
-"""`probes analyze`: layer-wise SVCCA / PWCCA / linear CKA against the label and nuisance columns."""
+"""`probes analyze`: layer-wise SVCCA / PWCCA / linear CKA against the label and nuisance columns.
+
+Parses the options, calls :func:`probes.analysis.run_analysis`, prints the best layer per method
+and target; errors through :mod:`featstore_cli.errors`.
+"""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console(stderr=True)
-EXIT_USAGE = 2
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")
-    raise typer.Exit(EXIT_USAGE)
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _parse_layers(text: str) -> list[int] | None:
-    """``all``, ``0-12``, ``0,4,8`` or a mix (``0-3,8``); ``-1`` is the last layer."""
-    if text.strip().lower() in ("all", ""):
-        return None
-    out: list[int] = []
-    for part in _split(text):
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m and int(m[1]) <= int(m[2]):
-            out += range(int(m[1]), int(m[2]) + 1)
-        elif re.fullmatch(r"-?\d+", part):
-            out.append(int(part))
-        else:
-            _fail(f"--layers: cannot read {part!r}; use all, 0-12 or 0,4,8")
-    return list(dict.fromkeys(out))
+from .errors import console, csv_list, fail, user_errors
 
 
 def analyze(
@@ -47,7 +23,7 @@ def analyze(
     pooling: str = typer.Option("mean", "--pooling", help="Per-item pooling with --level pooled: mean, stats, max, center, first, last."),
     scope: str = typer.Option("auto", "--scope", help="auto (the segment where the store has one), clip or segment."),
     level: str = typer.Option("pooled", "--level", help="pooled (one vector per item), center (the centre frame of each item/segment) or frames (every frame)."),
-    layers: str = typer.Option("all", "--layers", help="Layers: all, 0-12, 0,4,8."),
+    layers: str = typer.Option("all", "--layers", help="Layers: all, 0-12, 0,4,8, -1 (the last stored layer)."),
     n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap draws over speakers for the 95 % intervals (0: none)."),
     n_shuffle: int = typer.Option(20, "--n-shuffle", help="Permutations of the target for the shuffled floor (0: none)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default cache/analysis/<store name>/)."),
@@ -56,23 +32,22 @@ def analyze(
 ) -> None:
     """Per-layer SVCCA / PWCCA / CKA against the target and nuisances, with shuffled floors,
     speaker-bootstrap intervals, layer-to-layer heatmaps and the target/speaker crossover."""
-    from probes.analysis import METHODS, AnalysisError, run_analysis
+    from featstore.layerspec import parse_layers
+    from probes.analysis import run_analysis
+    from probes.names import ANALYSIS_METHODS
 
-    methods = _split(method)
-    bad = [m for m in methods if m not in METHODS]
+    methods = csv_list(method)
+    bad = [m for m in methods if m not in ANALYSIS_METHODS]
     if bad or not methods:
-        _fail(f"--method: unknown {', '.join(map(repr, bad)) or '(empty)'}; use svcca, pwcca and/or cka")
-    nuisances = [] if nuisance.strip().lower() in ("", "none") else _split(nuisance)
+        fail(f"--method: unknown {', '.join(map(repr, bad)) or '(empty)'}; use {', '.join(ANALYSIS_METHODS)}")
+    nuisances = [] if nuisance.strip().lower() in ("", "none") else csv_list(nuisance)
     if n_boot < 0 or n_shuffle < 0:
-        _fail("--n-boot and --n-shuffle must be 0 or more")
-    for f in files:
-        if not f.exists():
-            _fail(f"no store at {f}")
-    try:
-        res = run_analysis(files, target, nuisances, methods, level, pooling, scope, _parse_layers(layers),
-                           n_boot, n_shuffle, out, seed, n_jobs=n_jobs, log=lambda s: console.print(f"[dim]{escape(s)}[/]"))
-    except AnalysisError as exc:
-        _fail(str(exc))
+        fail("--n-boot and --n-shuffle must be 0 or more")
+    with user_errors(prefix="--layers: "):
+        spec = parse_layers(layers)
+    with user_errors():
+        res = run_analysis(files, target, nuisances, methods, level, pooling, scope, spec, n_boot, n_shuffle, out,
+                           seed, n_jobs=n_jobs, log=lambda s: console.print(f"[dim]{escape(s)}[/]"))
     _print_summary(res)
 
 

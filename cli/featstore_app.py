@@ -245,7 +245,7 @@ def demo(
     Console().print(f"[green]done[/]: stores in {out / 'stores'}, reports in {out}/sweep-segment/report.md and {out}/sweep-clip/report.md")
 
 
-from cli.finetune_cmd import finetune  # noqa: E402 - command module registers on this app
+from .finetune_cmd import finetune  # noqa: E402 - command module registers on this app
 
 app.command("finetune")(finetune)
 

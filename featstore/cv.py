@@ -7,7 +7,9 @@ only on numpy, pandas and scikit-learn.
 
 * :func:`fill_groups` -- an item without a speaker becomes its own group (``__item_<i>``);
 * :func:`make_folds` -- the outer folds every configuration of a sweep shares;
-* :func:`inner_folds` -- folds inside one outer training part (nested selection, ``C="auto"``);
+* :func:`inner_folds` -- folds inside one outer training part (``C="auto"``, early stopping);
+* :func:`nested_folds` -- the inner folds of every outer fold, in item indices (nested selection);
+* :func:`fit_groups` -- the groups a probe's own inner splits get (``None`` without speakers);
 * :func:`validation_split` -- an early-stopping split inside a training part;
 * :func:`holdout_split` -- fold K of N as the fine-tuning validation part;
 * :func:`cca_folds` -- test-fold index per row for held-out CCA (by group, or within groups);
@@ -209,6 +211,37 @@ def inner_folds(y: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: i
     if k < 2:
         return []
     return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def fit_groups(groups: Sequence | np.ndarray | None) -> np.ndarray | None:
+    """Groups for the splits inside a training part, by the rule of :func:`make_folds`: ``None``
+    when no item has a speaker (the splits are then stratified by item), otherwise
+    :func:`fill_groups` (an item without a speaker is its own group)."""
+    if groups is None:
+        return None
+    g = _as_str_array(groups, len(groups))
+    if (g == "").all():
+        return None
+    return fill_groups(g)
+
+
+def nested_folds(outer: Sequence[Fold], y: Sequence | np.ndarray, groups: Sequence | np.ndarray | None,
+                 n_inner: int = 3, seed: int = 0) -> list[list[Fold]]:
+    """For each outer fold, :func:`inner_folds` of its *training* items only, as item indices.
+
+    The inner folds of outer fold ``f`` are built from ``outer[f][0]`` (never from its test items),
+    grouped by speaker as :func:`inner_folds` allows. An outer fold whose training part cannot be
+    split gets ``[]``.
+    """
+    y = _as_str_array(y, len(y))
+    g = fit_groups(groups)
+    out = []
+    for tr, _ in outer:
+        tr = np.asarray(tr, dtype=np.int64)
+        _, codes = np.unique(y[tr], return_inverse=True)
+        inner = inner_folds(codes.reshape(-1), None if g is None else g[tr], n_inner, seed)
+        out.append([(np.sort(tr[a]), np.sort(tr[b])) for a, b in inner])
+    return out
 
 
 def validation_split(y: np.ndarray, groups: np.ndarray | None, fraction: float,

@@ -6,7 +6,9 @@ Layout (documented in README.md, "The HDF5 layout"):
 * ``items/<column>``: 1-D datasets, one row per manifest row, in manifest order;
 * ``layers/NN``: ``(total_frames, dim)`` per layer, the frames of all items concatenated; item ``i``
   is ``layers/NN[offset[i] : offset[i] + num_frames[i]]``;
-* ``pooled/<scope>-<method>/NN``: optional cache of pooled vectors ``(num_items, dim)``.
+* ``pooled/<scope>-<method>/NN``: optional cache of pooled vectors ``(num_items, dim)`` written
+  into finished stores by older versions; nothing writes it any more (caches live beside the store,
+  see ``probes.cache``), and readers ignore it (it carries no code or library version).
 
 This module knows nothing about models: it stores arrays and strings.
 """
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -240,15 +242,44 @@ def _short(value: Any, n: int = 80) -> str:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+#: working memory of one streamed chunk of frames, as float64 (what pooling converts a chunk to)
+CHUNK_BYTES = 64 << 20
+
+#: root attributes and ``items/`` columns that define a store's content identity
+_IDENTITY_ATTRS = ("format_version", "encoder", "encoder_revision", "encoder_config", "manifest_sha256",
+                   "created_at", "num_layers", "dtype", "sample_rate")
+_IDENTITY_COLUMNS = ("id", "label", "group", "status", "num_frames", "offset", "segment_start_frame",
+                     "segment_end_frame", "sha256")
+
+
+@dataclass
+class SpanChunk:
+    """Frames of some spans, read in one sequential slice ``layers/NN[lo : lo + len(data)]``.
+
+    ``spans`` are indices into the span arrays given to :meth:`Store.iter_span_chunks`. When
+    ``partial`` is true the chunk is one piece of a single span longer than the chunk size
+    (``spans`` holds that one span; ``data`` covers part of it).
+    """
+
+    spans: np.ndarray
+    lo: int
+    data: np.ndarray
+    partial: bool = False
+
+
 @dataclass
 class Store:
     """Lazy read access to a store file (see :func:`open_store`).
 
-    ``items`` is a pandas DataFrame of the ``items/`` table; frames are read on demand.
+    ``items`` is a pandas DataFrame of the ``items/`` table; frames are read on demand. Readers of
+    many frames stream them: :meth:`iter_span_chunks` (spans in offset order, one sequential slice
+    per chunk) and :meth:`read_frames` (chosen frame rows); their memory depends on the chunk size
+    (:data:`CHUNK_BYTES`), not on the number of frames in the store.
     """
 
     path: Path
     h5: h5py.File
+    _identity: str | None = field(default=None, repr=False, compare=False)
 
     def __enter__(self) -> "Store":
         return self
@@ -306,9 +337,33 @@ class Store:
 
         return pd.DataFrame({name: self.column(name) for name in self.h5["items"].keys()})
 
+    def identity(self) -> str:
+        """Hash of the store's content identity: provenance attributes, the ``items/`` columns that
+        place and label frames, and the layer shapes (computed once per open store).
+
+        Caches derived from the store (pooled vectors, sweep cells) are keyed by it; re-extracting a
+        store changes ``created_at`` and therefore the identity. A legacy ``pooled/`` group in the
+        file does not enter it.
+        """
+        if self._identity is None:
+            import hashlib
+
+            attrs = self.attrs
+            h = hashlib.sha256()
+            h.update(json.dumps({k: str(attrs.get(k)) for k in _IDENTITY_ATTRS}, sort_keys=True).encode())
+            for col in _IDENTITY_COLUMNS:
+                if col in self.h5["items"]:
+                    h.update(col.encode())
+                    h.update("\x1f".join(map(str, self.column(col))).encode())
+            for name in sorted(self.h5["layers"]):
+                h.update(f"{name}:{self.h5['layers'][name].shape}".encode())
+            self._identity = h.hexdigest()
+        return self._identity
+
     # -- frames ----------------------------------------------------------------------------
     def layer(self, k: int) -> np.ndarray:
-        """All frames of layer ``k`` (one sequential read), shape ``(total_frames, dim)``."""
+        """All frames of layer ``k`` (one read of the whole layer: its memory grows with the store;
+        use :meth:`iter_span_chunks` or :meth:`read_frames` in code that must scale)."""
         return self.h5["layers"][layer_name(k)][:]
 
     def frames(self, i: int, k: int) -> np.ndarray:
@@ -317,23 +372,128 @@ class Store:
         n = int(self.h5["items/num_frames"][i])
         return self.h5["layers"][layer_name(k)][off : off + n]
 
-    def iter_item_frames(self, k: int, rows: Iterable[int] | None = None):
-        """Yield ``(row, frames)`` for the given rows (default all) at layer ``k``; one layer read."""
-        data = self.layer(k)
-        offset = self.h5["items/offset"][:]
-        nfr = self.h5["items/num_frames"][:]
-        for i in range(self.num_items) if rows is None else rows:
-            yield int(i), data[offset[i] : offset[i] + nfr[i]]
+    def chunk_frames(self, k: int, chunk_bytes: int | None = None) -> int:
+        """Frames per streamed chunk of layer ``k``: ``chunk_bytes`` (default :data:`CHUNK_BYTES`) of
+        float64 working memory."""
+        budget = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+        return max(1, budget // (8 * max(1, self.layer_dim(k))))
 
-    # -- pooled cache ------------------------------------------------------------------------
+    def iter_span_chunks(self, k: int, starts: np.ndarray, stops: np.ndarray,
+                         chunk_frames: int | None = None, reuse_buffer: bool = False) -> Iterator[SpanChunk]:
+        """Stream the frames of half-open spans ``[starts[i], stops[i])`` of layer ``k``.
+
+        Spans are visited in offset order and grouped so that each group is one sequential slice of
+        at most ``chunk_frames`` frames (default :meth:`chunk_frames`); a span longer than that
+        comes in several ``partial`` pieces. Empty spans are skipped. Frames keep the stored dtype
+        (no float32 copy of a float16 layer); the memory held is one chunk. With
+        ``reuse_buffer=True`` every chunk is read into the same buffer (no allocation per chunk):
+        ``data`` is then only valid until the next chunk is requested.
+        """
+        ds = self.h5["layers"][layer_name(k)]
+        size = self.chunk_frames(k) if chunk_frames is None else max(1, int(chunk_frames))
+        buf = np.empty((size, ds.shape[1]), dtype=ds.dtype) if reuse_buffer else None
+
+        def read(a: int, b: int) -> np.ndarray:
+            if buf is None or b <= a:
+                return ds[a:b]
+            ds.read_direct(buf, np.s_[a:b], np.s_[0 : b - a])
+            return buf[: b - a]
+
+        starts = np.asarray(starts, dtype=np.int64)
+        stops = np.asarray(stops, dtype=np.int64)
+        live = np.flatnonzero(stops > starts)
+        order = live[np.argsort(starts[live], kind="stable")]
+        group: list[int] = []
+        lo = hi = 0
+        for i in order.tolist():
+            a, b = int(starts[i]), int(stops[i])
+            if b - a > size:
+                if group:
+                    yield SpanChunk(np.asarray(group, dtype=np.int64), lo, read(lo, hi))
+                    group = []
+                for p in range(a, b, size):
+                    yield SpanChunk(np.array([i], dtype=np.int64), p, read(p, min(b, p + size)), partial=True)
+                continue
+            if group and max(hi, b) - lo > size:
+                yield SpanChunk(np.asarray(group, dtype=np.int64), lo, read(lo, hi))
+                group = []
+            if not group:
+                lo, hi = a, b
+            group.append(i)
+            hi = max(hi, b)
+        if group:
+            yield SpanChunk(np.asarray(group, dtype=np.int64), lo, read(lo, hi))
+
+    def read_frames(self, k: int, index: np.ndarray, chunk_frames: int | None = None,
+                    dtype: Any = None) -> np.ndarray:
+        """Frame rows ``index`` of layer ``k`` (any order, repeats allowed), ``(len(index), dim)``,
+        read in sorted chunks of at most ``chunk_frames`` frames; ``dtype`` converts (per chunk)."""
+        ds = self.h5["layers"][layer_name(k)]
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((len(index), ds.shape[1]), dtype=ds.dtype if dtype is None else dtype)
+        if not len(index):
+            return out
+        if index.min() < 0 or index.max() >= ds.shape[0]:
+            raise IndexError(f"frame index outside layers/{layer_name(k)} (0..{ds.shape[0] - 1})")
+        size = self.chunk_frames(k) if chunk_frames is None else max(1, int(chunk_frames))
+        uniq, inverse = np.unique(index, return_inverse=True)
+        values = np.empty((len(uniq), ds.shape[1]), dtype=out.dtype)
+        first = 0
+        while first < len(uniq):
+            stop = int(np.searchsorted(uniq, uniq[first] + size, side="left"))
+            sel = uniq[first:stop]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            if len(sel) * 8 >= hi - lo:  # dense: one sequential slice
+                values[first:stop] = ds[lo:hi][sel - lo]
+            else:  # sparse: a point selection (h5py needs increasing indices)
+                values[first:stop] = ds[sel]
+            first = stop
+        out[:] = values[inverse.reshape(-1)]
+        return out
+
+    def iter_item_frames(self, k: int, rows: Iterable[int] | None = None,
+                         chunk_frames: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(row, frames)`` for the given rows (default all, in the order given) at layer ``k``.
+
+        Runs of rows whose frames follow each other in the layer are read as one slice of at most
+        ``chunk_frames`` frames (default :meth:`chunk_frames`); an item longer than that is read
+        alone. Memory: one chunk (or one item), not the layer.
+        """
+        offset = self.h5["items/offset"][:].astype(np.int64)
+        nfr = self.h5["items/num_frames"][:].astype(np.int64)
+        rows = np.arange(self.num_items) if rows is None else np.asarray(list(rows), dtype=np.int64)
+        ds = self.h5["layers"][layer_name(k)]
+        size = self.chunk_frames(k) if chunk_frames is None else max(1, int(chunk_frames))
+        group: list[int] = []
+        lo = hi = 0
+
+        def flush():
+            data = ds[lo:hi]
+            for r in group:
+                yield int(r), data[offset[r] - lo : offset[r] + nfr[r] - lo]
+
+        for r in rows.tolist():
+            a, b = int(offset[r]), int(offset[r] + nfr[r])
+            if group and (a < hi or b - lo > size):
+                yield from flush()
+                group = []
+            if not group:
+                lo, hi = a, b
+            group.append(r)
+            hi = max(hi, b)
+        if group:
+            yield from flush()
+
+    # -- legacy in-file pooled cache ----------------------------------------------------------
     def pooled(self, key: str, k: int) -> np.ndarray | None:
-        """Cached pooled vectors ``pooled/<key>/NN`` or ``None``."""
+        """Legacy pooled vectors ``pooled/<key>/NN`` written into the file by older versions, or
+        ``None`` (kept readable; the probes no longer use it, see ``probes.cache``)."""
         name = f"pooled/{key}/{layer_name(k)}"
         return self.h5[name][:] if name in self.h5 else None
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
-    """Open a store for reading (``mode="a"`` lets callers add to ``pooled/``)."""
+    """Open a finished store for reading (a finished store is immutable: readers use ``mode="r"``)."""
     path = Path(path)
     if not path.exists():
         if partial_path(path).exists():
@@ -354,7 +514,11 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
 
 
 def write_pooled(path: str | os.PathLike, key: str, k: int, values: np.ndarray) -> None:
-    """Cache pooled vectors in ``pooled/<key>/NN`` of a finished store (overwrites)."""
+    """Deprecated: writes ``pooled/<key>/NN`` into a finished store, which must stay immutable.
+
+    Nothing in ``featstore`` or ``probes`` calls it any more (pooled caches live beside the store,
+    ``probes.cache``); it is kept only so that older callers and tests still run, and will go.
+    """
     with h5py.File(path, "a") as h5:
         name = f"pooled/{key}/{layer_name(k)}"
         if name in h5:

@@ -14,8 +14,9 @@ segment, or every frame) are compared with a one-hot encoding of each target col
   its floor is read from the shuffled control.
 
 Controls: every score comes with a 95 % bootstrap interval over speakers (speakers are resampled
-with replacement and every fold's CCA is refitted on the resampled training speakers; the
-percentile interval is shifted so that its median is the estimate, see :func:`_ci`), and a
+with replacement, :mod:`probes.bootstrap`, and every fold's CCA is refitted on the resampled
+training speakers; the percentile interval is shifted so that its median is the estimate,
+:func:`probes.bootstrap.centred_interval`), and a
 ``shuffled=True`` row: the same score with the target permuted (across speakers when the target is
 constant within speakers, else across items), its mean and 2.5-97.5 % range over the permutations.
 
@@ -35,16 +36,21 @@ import pandas as pd
 from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
 
+from featstore.cv import cca_folds
+from featstore.layerspec import LayerSpec, LayerSpecError, resolve_layers
 from featstore.store import OK, Store, open_store
-from probes.pooling import POOLINGS, SCOPES, item_spans, pooled_matrix, resolve_scope
-from probes.similarity import (HeldOutCCA, OneHotCKA, center, linear_cka, make_folds,
-                               svd_reduce)
-
-METHODS = ("svcca", "pwcca", "cka")
-LEVELS = ("pooled", "center", "frames")
+from probes import tables
+from probes.bootstrap import centred_interval, speaker_codes, speaker_draws
+from probes.names import ANALYSIS_LEVELS as LEVELS
+from probes.names import ANALYSIS_METHODS as METHODS
+from probes.names import POOLINGS, SCOPES
+from probes.pooling import item_spans, pooled_matrix, resolve_scope
+from probes.similarity import HeldOutCCA, OneHotCKA, center, linear_cka, svd_reduce
 PROFILE_COLUMNS = ["store", "layer", "method", "target", "score", "ci_low", "ci_high", "shuffled",
                    "n_items", "n_rows", "n_speakers", "dims", "level", "pooling", "scope"]
 PathLike = str | os.PathLike
+#: SVD variance kept, folds and fold assignments of held-out CCA (defaults of every entry point)
+KEEP, N_SPLITS, N_REPEATS = 0.99, 5, 5
 
 
 class AnalysisError(ValueError):
@@ -80,18 +86,19 @@ def _check_options(level: str, pooling: str, scope: str, methods: Sequence[str] 
         raise AnalysisError(f"unknown method {', '.join(bad) or '(none)'}; use svcca, pwcca and/or cka")
 
 
-def _layers(store: Store, layers: Iterable[int] | None) -> list[int]:
-    nl = store.num_layers
-    if layers is None:
-        return list(range(nl))
-    out = []
-    for k in layers:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not -nl <= k < nl:
-            raise AnalysisError(f"layer {k!r} does not exist in {store.path.name}: it has layers 0..{nl - 1}")
-        out.append(int(k) % nl)
-    if not out:
-        raise AnalysisError("no layers selected")
-    return out
+def _layers(store: Store, layers) -> list[int]:
+    """The stored layers a spec names (``None``/``"all"``: every stored layer; a store extracted
+    with ``--layers 0,4,8`` holds layers 0, 4 and 8, and ``-1`` is its last one)."""
+    if layers is not None and not isinstance(layers, (str, int, LayerSpec)):
+        layers = list(layers)
+        if not layers:
+            raise AnalysisError("no layers selected")
+        if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) for k in layers):
+            raise AnalysisError(f"layers must be integers, got {layers!r}")
+    try:
+        return resolve_layers(layers, store.layer_ids, what=store.path.name)
+    except LayerSpecError as exc:
+        raise AnalysisError(str(exc)) from None
 
 
 @dataclass
@@ -105,6 +112,7 @@ class _Sample:
     scope: str
     notes: list[str] = field(default_factory=list)
     lengths: np.ndarray | None = None  # (m,) span lengths in frames (below item level)
+    level: str = "pooled"
 
 
 def _spans(store: Store, scope: str, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,12 +131,9 @@ def _sample(store: Store, items: np.ndarray, level: str, scope: str, max_rows: i
     real = resolve_scope(store, scope)
     notes: list[str] = []
     start, stop = _spans(store, real, notes)
-    if level == "pooled":
-        return _Sample(items, np.arange(len(items)), None, None, real, notes)
+    if level in ("pooled", "center"):  # the centre frame is the "center" pooling (probes.pooling)
+        return _Sample(items, np.arange(len(items)), None, None, real, notes, level=level)
     s, e = start[items], stop[items]
-    if level == "center":
-        rel = (e - s - 1) // 2
-        return _Sample(items, np.arange(len(items)), s + rel, rel, real, notes, e - s)
     lengths = e - s
     row_item = np.repeat(np.arange(len(items)), lengths)
     bounds = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -137,18 +142,19 @@ def _sample(store: Store, items: np.ndarray, level: str, scope: str, max_rows: i
         keep = np.sort(rng.choice(len(rel), size=max_rows, replace=False))
         notes.append(f"{max_rows} of {len(rel)} frames drawn at random")
         row_item, rel = row_item[keep], rel[keep]
-    return _Sample(items, row_item, s[row_item] + rel, rel, real, notes, lengths)
+    return _Sample(items, row_item, s[row_item] + rel, rel, real, notes, lengths, level="frames")
 
 
 def _matrix(store: Store, layer: int, sample: _Sample, pooling: str) -> np.ndarray:
-    """The representation of one layer, ``(rows, dim)`` float64."""
+    """The representation of one layer, ``(rows, dim)`` float64: pooled vectors (the one pooling
+    implementation), or the sampled frames read in offset-sorted chunks (never the whole layer)."""
     if sample.frames is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            X = pooled_matrix(store, layer, pooling, sample.scope, rows=sample.items)
-    else:
-        X = store.layer(layer)[sample.frames]
-    return np.asarray(X, dtype=np.float64)
+            X = pooled_matrix(store, layer, "center" if sample.level == "center" else pooling, sample.scope,
+                              rows=sample.items)
+        return np.asarray(X, dtype=np.float64)
+    return store.read_frames(layer, sample.frames, dtype=np.float64)
 
 
 def _usable(store: Store, columns: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -181,13 +187,11 @@ def _usable(store: Store, columns: Sequence[str]) -> tuple[np.ndarray, list[str]
 
 def _speakers(store: Store, items: np.ndarray) -> tuple[np.ndarray, list[str]]:
     g = np.asarray([str(v) for v in store.column("group")[items]], dtype=object)
-    ids = store.column("id")[items]
     notes = []
     if (g == "").any():
         notes.append(f"{int((g == '').sum())} items have no speaker (group) and count as their own speaker")
-        g = np.where(g == "", np.array(["\0item:" + str(i) for i in ids], dtype=object), g)
-    _, codes = np.unique(g.astype(str), return_inverse=True)
-    return codes.astype(np.int64), notes
+    codes, _ = speaker_codes(g)
+    return codes, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +219,7 @@ def _target(name: str, values: np.ndarray, spk: np.ndarray, unit: np.ndarray, n_
     const_in_speaker = pairs.shape[1] == len(np.unique(spk))
 
     def folds(count: int, offset: int) -> np.ndarray:
-        return np.stack([make_folds(spk, n_splits, seed + offset + r, within=within, units=unit)
+        return np.stack([cca_folds(spk, n_splits, seed + offset + r, within=within, units=unit)
                          for r in range(count)]) if count else np.zeros((0, len(spk)), dtype=np.int64)
 
     try:
@@ -235,25 +239,6 @@ def _target(name: str, values: np.ndarray, spk: np.ndarray, unit: np.ndarray, n_
             shuffles.append(rng.permutation(value_of)[unit])
     return _Target(name, codes.astype(np.int64), within, point, folds(n_boot, 10_000),
                    shuffles, folds(n_shuffle, 20_000))
-
-
-def _ci(values: np.ndarray, point: float | None = None,
-        bounds: tuple[float, float] = (-1.0, 1.0)) -> tuple[float, float]:
-    """2.5-97.5 % percentiles; with ``point``, shifted so that the median falls on ``point``
-    (and clipped to the score's range ``bounds``).
-
-    Resampling speakers with replacement duplicates some of them: fewer distinct speakers lower the
-    refitted held-out CCA and raise CKA systematically; the shift removes that bias, the spread is
-    kept. (On null data with 40 speakers this interval covered 0 in 30 of 30 data sets, one
-    that re-weights only the held-out items in 22 of 30.)
-    """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    lo, med, hi = np.percentile(values, [2.5, 50, 97.5])
-    shift = point - med if point is not None and np.isfinite(point) else 0.0
-    return float(np.clip(lo + shift, *bounds)), float(np.clip(hi + shift, *bounds))
 
 
 def _as_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -282,9 +267,9 @@ def layer_profile(
     layers: Iterable[int] | None = None,
     n_boot: int = 200,
     n_shuffle: int = 20,
-    n_splits: int = 5,
-    n_repeats: int = 5,
-    keep: float = 0.99,
+    n_splits: int = N_SPLITS,
+    n_repeats: int = N_REPEATS,
+    keep: float = KEEP,
     max_dims: int | None = None,
     max_rows: int = 5000,
     seed: int = 0,
@@ -338,9 +323,7 @@ def layer_profile(
             notes_all[name] = notes
             if not targets:
                 continue
-            draws = rng.integers(0, n_spk, size=(n_boot, n_spk))
-            M = np.zeros((n_boot, n_spk))
-            np.add.at(M, (np.repeat(np.arange(n_boot), n_spk), draws.ravel()), 1.0)
+            M = speaker_draws(n_spk, n_boot, rng) if n_boot else np.zeros((0, n_spk))
             Wrows = M[:, spk]
             base = dict(store=name, n_items=len(items), n_rows=len(spk), n_speakers=n_spk, level=level,
                         pooling=pooling if level == "pooled" else "", scope=sample.scope)
@@ -377,12 +360,12 @@ def _score_layer(X: np.ndarray, k: int, targets: list[_Target], methods: tuple[s
         base_ho = HeldOutCCA(Z, targets[0].codes, neurons=Xc if pw else None, pw=pw, groups=spk)
 
     def add(method: str, target: str, point: float, boots: np.ndarray, shuffled: list[float]) -> None:
-        lo, hi = _ci(boots, point, (0.0, 1.0) if method == "cka" else (-1.0, 1.0))
+        lo, hi = centred_interval(boots, point, (0.0, 1.0) if method == "cka" else (-1.0, 1.0))
         out.append(dict(base, layer=k, method=method, target=target, score=float(point), ci_low=lo,
                         ci_high=hi, shuffled=False, dims=dims))
         sh = np.asarray(shuffled, dtype=np.float64)
         if len(sh):
-            lo, hi = _ci(sh)
+            lo, hi = centred_interval(sh)
             mean = float(np.nanmean(sh)) if np.isfinite(sh).any() else float("nan")
             out.append(dict(base, layer=k, method=method, target=target, score=mean, ci_low=lo, ci_high=hi,
                             shuffled=True, dims=dims))
@@ -442,18 +425,15 @@ def _sample_like(store: Store, items: np.ndarray, ref: _Sample, level: str, scop
     real = resolve_scope(store, scope)
     notes: list[str] = []
     start, stop = _spans(store, real, notes)
-    if level == "pooled":
-        return _Sample(items, ref.row_item, None, None, real, notes)
+    if level in ("pooled", "center"):
+        return _Sample(items, ref.row_item, None, None, real, notes, level=level)
     s, e = start[items], stop[items]
-    if level == "center":
-        rel = (e - s - 1) // 2
-        return _Sample(items, ref.row_item, s + rel, rel, real, notes)
     if not np.array_equal(e - s, ref.lengths):
         raise AnalysisError(
             f"{store.path.name}: frame-level similarity needs the same frames per item in both stores; "
             "use --level pooled or center"
         )
-    return _Sample(items, ref.row_item, s[ref.row_item] + ref.rel, ref.rel, real, notes)
+    return _Sample(items, ref.row_item, s[ref.row_item] + ref.rel, ref.rel, real, notes, level="frames")
 
 
 def _cka_matrix(A: list[np.ndarray], B: list[np.ndarray] | None) -> np.ndarray:
@@ -484,8 +464,8 @@ def layer_similarity(
     scope: str = "auto",
     layers_a: Iterable[int] | None = None,
     layers_b: Iterable[int] | None = None,
-    n_splits: int = 5,
-    keep: float = 0.99,
+    n_splits: int = N_SPLITS,
+    keep: float = KEEP,
     max_dims: int | None = None,
     max_rows: int = 5000,
     seed: int = 0,
@@ -523,7 +503,7 @@ def layer_similarity(
     if method == "cka":
         return _cka_matrix(A, B)
     B = A if B is None else B
-    folds = make_folds(spk, n_splits, seed) if len(np.unique(spk)) >= 2 else make_folds(sa.row_item, n_splits, seed)
+    folds = cca_folds(spk, n_splits, seed) if len(np.unique(spk)) >= 2 else cca_folds(sa.row_item, n_splits, seed)
 
     def reduce(X: np.ndarray) -> np.ndarray | None:
         try:
@@ -612,13 +592,44 @@ def _fmt(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.3f}"
 
 
+def method_notes(options: dict) -> list[str]:
+    """The analysis choices that differ from the published methods, named with their values."""
+    n_boot, n_shuffle = options.get("n_boot", 0), options.get("n_shuffle", 0)
+    cap = options.get("max_dims")
+    cap_text = f"at most {cap} dimensions" if cap not in (None, "auto") else "at most min(50, n/10) dimensions (n = rows)"
+    return [
+        f"**SVCCA dimension cap**: each layer is SVD-reduced to the fewest components holding "
+        f"{100 * float(options.get('keep', 0.99)):g} % of its variance, and {cap_text} (the `dims` column of "
+        "`profile.csv` gives the number used). Raghu et al. (2017) keep 99 % without a cap; the cap keeps "
+        "the CCA dimension far below the number of rows, where in-sample CCA reports ~1 even for shuffled labels.",
+        f"**Held-out CCA**: SVCCA and PWCCA directions are fitted on training folds and the canonical "
+        f"correlations measured on held-out rows ({options.get('n_splits', 5)} folds that keep a speaker's "
+        "items together, or spread each speaker's items over the folds when the target identifies the speaker; "
+        f"averaged over {options.get('n_repeats', 5)} fold assignments). The published SVCCA and PWCCA are "
+        "in-sample.",
+        "**PWCCA weighting side**: the canonical correlations are weighted by how much of the *layer's* "
+        "neurons each canonical variate accounts for (on the training rows), never the target's; in "
+        "layer-to-layer similarity, by the first store's (the row's) layer. Morcos et al. (2018) weight by "
+        "the first argument, so the side is fixed here rather than symmetric.",
+        "**CKA**: linear CKA with the biased HSIC estimator (Kornblith et al. 2019), in sample, against the "
+        "full one-hot encoding of the target; its floor is read from the shuffled control.",
+        f"**Interval method**: a 95 % speaker bootstrap ({n_boot} draws; speakers resampled with replacement, "
+        "CCA refitted on each draw's rows) whose percentile interval is shifted so that its median equals "
+        "the estimate (resampled speakers bias refitted held-out CCA down and CKA up) — not a plain "
+        "percentile interval.",
+        f"**Shuffled floor**: the same score with the target permuted across speakers when it is constant "
+        f"within speakers, else across items; mean and 2.5-97.5 % range over {n_shuffle} permutations.",
+    ]
+
+
 def _report(profile: pd.DataFrame, sims: dict, options: dict, files: list[Path], target: str) -> str:
     lines = ["# Layer-wise analysis", "",
              "Options: " + ", ".join(f"{k}={v}" for k, v in options.items()), "",
              "SVCCA/PWCCA are held-out canonical correlations (CCA fitted on training folds, scored on "
              "held-out items, averaged over repeated fold assignments); CKA is in-sample linear CKA. "
              "Intervals: 95 % bootstrap over speakers (CCA refitted per draw), centred on the estimate. "
-             "Floor: the same score with the target shuffled (mean, 2.5-97.5 % over permutations).", ""]
+             "Floor: the same score with the target shuffled (mean, 2.5-97.5 % over permutations).", "",
+             "## Methods and non-standard choices", ""] + [f"- {n}" for n in method_notes(options)] + [""]
     for store, notes in profile.attrs.get("notes", {}).items():
         lines += [f"## {store}", ""] + [f"- {n}" for n in notes] + [""]
         d = profile[profile.store == store]
@@ -688,15 +699,14 @@ def run_analysis(
     for p in paths:
         if not p.exists():
             _open(p)  # raises the store module's clear message
-    layers = None if layers is None else list(layers)
+    layers = layers if layers is None or isinstance(layers, (str, int, LayerSpec)) else list(layers)
     out = Path(out) if out is not None else default_out(paths)
     out.mkdir(parents=True, exist_ok=True)
     profile = layer_profile(paths, target, nuisances, methods, level, pooling, scope, layers, n_boot, n_shuffle,
                             seed=seed, n_jobs=n_jobs, log=log)
     names = store_names(paths)
     written = []
-    profile.to_csv(out / "profile.csv", index=False)
-    written.append(out / "profile.csv")
+    written.append(tables.write_csv(profile, out / "profile.csv"))
     for name in names:
         if (profile.store == name).any():
             written.append(plot_profile(profile, name, out / f"profile_{name}.png", target))
@@ -714,13 +724,12 @@ def run_analysis(
                      for r, x in enumerate(la) for c, y in enumerate(lb)]
             written.append(plot_similarity(m, out / f"similarity_{names[i]}_{names[j]}_{method}.png",
                                            names[i], names[j], method, la, lb))
-        csv = out / f"similarity_{names[i]}_{names[j]}.csv"
-        pd.DataFrame(rows, columns=["method", "layer_a", "layer_b", "score"]).to_csv(csv, index=False)
-        written.append(csv)
+        written.append(tables.write_csv(pd.DataFrame(rows, columns=["method", "layer_a", "layer_b", "score"]),
+                                        out / f"similarity_{names[i]}_{names[j]}.csv"))
     options = dict(target=target, nuisances=",".join(nuisances), methods=",".join(methods), level=level,
                    pooling=pooling if level == "pooled" else "-", scope=scope, n_boot=n_boot, n_shuffle=n_shuffle,
-                   seed=seed)
+                   seed=seed, keep=KEEP, max_dims="auto", n_splits=N_SPLITS, n_repeats=N_REPEATS)
     report = out / "analysis.md"
     written.append(report)
-    report.write_text(_report(profile, sims, options, written, target))
+    tables.write_text(_report(profile, sims, options, written, target), report)
     return AnalysisResult(profile, sims, out, written)

@@ -27,18 +27,19 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-PROBES = ("logreg", "xgb", "attn-mlp", "weighted-layers")
-CLASS_WEIGHTS = (None, "balanced", "sampling")
+from featstore.cv import inner_folds, validation_split
+from probes.names import CLASS_WEIGHTS, PROBE_INPUT, PROBES
+
+#: ``class_weight`` values a probe accepts: ``None`` and the names of ``probes.names.CLASS_WEIGHTS``
+#: (``"none"`` is read as ``None``)
+CLASS_WEIGHT_VALUES = (None,) + tuple(c for c in CLASS_WEIGHTS if c != "none")
 #: grid searched by ``LogRegProbe(C="auto")``
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
-#: speakers of every class needed in a grouped early-stopping split (else it is stratified by item)
-MIN_VAL_GROUPS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,11 +48,11 @@ MIN_VAL_GROUPS = 2
 def check_class_weight(class_weight: Any) -> str | dict | None:
     """Normalise ``class_weight`` (``"none"`` -> ``None``); ValueError listing the valid values.
 
-    Besides :data:`CLASS_WEIGHTS`, a dict ``{class: weight}`` (scikit-learn style) is accepted.
+    Besides :data:`CLASS_WEIGHT_VALUES`, a dict ``{class: weight}`` (scikit-learn style) is accepted.
     """
     if class_weight is None or (isinstance(class_weight, str) and class_weight == "none"):
         return None
-    if isinstance(class_weight, str) and class_weight in CLASS_WEIGHTS:
+    if isinstance(class_weight, str) and class_weight in CLASS_WEIGHT_VALUES:
         return class_weight
     if isinstance(class_weight, dict) and all(np.isscalar(w) and w >= 0 for w in class_weight.values()):
         return class_weight
@@ -104,51 +105,6 @@ def _check_groups(groups: Any, n: int) -> np.ndarray | None:
     return groups
 
 
-def _inner_splits(y: np.ndarray, groups: np.ndarray | None, n_splits: int, random_state: int) -> list:
-    """Stratified (and, with groups, speaker-grouped) inner folds; [] when too few items."""
-    counts = np.bincount(y)
-    if groups is not None:
-        per_class = [len(np.unique(groups[y == c])) for c in range(len(counts))]
-        k = min(n_splits, min(per_class))
-        if k >= 2:
-            cv = StratifiedGroupKFold(k, shuffle=True, random_state=random_state)
-            folds = list(cv.split(np.zeros(len(y)), y, groups))
-            if all(len(np.unique(y[tr])) == len(counts) for tr, _ in folds):
-                return folds
-    k = min(n_splits, int(counts.min()))
-    if k < 2:
-        return []
-    return list(StratifiedKFold(k, shuffle=True, random_state=random_state).split(np.zeros(len(y)), y))
-
-
-def _validation_split(y: np.ndarray, groups: np.ndarray | None, fraction: float,
-                      random_state: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices for early stopping; empty validation when it cannot be made.
-
-    With ``groups`` the split is speaker-grouped when its validation part holds at least
-    ``MIN_VAL_GROUPS`` speakers of every class; with fewer, a loss on a handful of speakers is
-    too noisy to stop on, and the split is stratified by item instead.
-    """
-    n = len(y)
-    everything = (np.arange(n), np.zeros(0, dtype=np.int64))
-    if not 0 <= fraction < 1:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {fraction}")
-    if not fraction:
-        return everything
-    n_classes = int(y.max()) + 1
-    if groups is not None:
-        folds = _inner_splits(y, groups, max(2, int(round(1 / fraction))), random_state)
-        if folds:
-            tr, va = folds[0]
-            if min(len(np.unique(groups[va][y[va] == c])) for c in range(n_classes)) >= MIN_VAL_GROUPS:
-                return tr, va
-    n_val = int(round(n * fraction))
-    if np.bincount(y).min() < 2 or n_val < n_classes or n - n_val < n_classes:
-        return everything
-    split = StratifiedShuffleSplit(1, test_size=n_val, random_state=random_state)
-    return next(split.split(np.zeros(n), y))
-
-
 class _ProbeBase(ClassifierMixin, BaseEstimator):
     """``predict`` from ``predict_proba``."""
 
@@ -186,7 +142,7 @@ class LogRegProbe(_ProbeBase):
         return make_pipeline(StandardScaler(), lr).fit(X, y)
 
     def _select_C(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, cw: str | None) -> float:
-        folds = _inner_splits(y, groups, 3, self.random_state)
+        folds = inner_folds(y, groups, 3, self.random_state)
         if not folds:
             return 1.0
         scores = []
@@ -404,7 +360,7 @@ class _TorchProbe(_ProbeBase):
         self.classes_, yi = _encode_labels(y, self._n_items(data))
         groups = _check_groups(groups, len(yi))
         n_classes = len(self.classes_)
-        tr, va = _validation_split(yi, groups, self.val_fraction, self.random_state)
+        tr, va = validation_split(yi, groups, self.val_fraction, self.random_state)
         with _torch_scope(self.n_threads, self.random_state) as torch:
             gen = torch.Generator().manual_seed(int(self.random_state))
             module = self._build(data, n_classes).to(self.device)
@@ -665,7 +621,6 @@ class WeightedLayersProbe(_TorchProbe):
 # ---------------------------------------------------------------------------------------------
 _CLASSES = {"logreg": LogRegProbe, "xgb": XGBProbe, "attn-mlp": AttentiveMLPProbe,
             "weighted-layers": WeightedLayersProbe}
-_INPUT_KIND = {"logreg": "pooled", "xgb": "pooled", "attn-mlp": "frames", "weighted-layers": "layers"}
 
 
 def _check_name(name: str) -> None:
@@ -676,7 +631,7 @@ def _check_name(name: str) -> None:
 def probe_input_kind(name: str) -> str:
     """``"pooled"`` (``(n, dim)``), ``"frames"`` (list of ``(T_i, dim)``) or ``"layers"`` (``(n, L, dim)``)."""
     _check_name(name)
-    return _INPUT_KIND[name]
+    return PROBE_INPUT[name]
 
 
 def make_probe(name: str, class_weight: str | None = None, random_state: int = 0, n_threads: int = 1,
@@ -698,6 +653,6 @@ def make_probe(name: str, class_weight: str | None = None, random_state: int = 0
 
 
 __all__ = [
-    "PROBES", "CLASS_WEIGHTS", "C_GRID", "LogRegProbe", "XGBProbe", "AttentiveMLPProbe", "WeightedLayersProbe",
+    "PROBES", "CLASS_WEIGHTS", "CLASS_WEIGHT_VALUES", "C_GRID", "LogRegProbe", "XGBProbe", "AttentiveMLPProbe", "WeightedLayersProbe",
     "make_probe", "probe_input_kind", "check_class_weight", "oversample_indices",
 ]

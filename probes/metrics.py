@@ -10,8 +10,8 @@ baseline is scored against the same label set even when a class is missing from 
 * baselines: :func:`majority_baseline` predicts the training fold's most frequent class;
   :func:`chance_baseline` guesses at random with the training fold's class priors, averaged over
   ``n_draws`` seeded draws (its expected balanced accuracy is the mean prior of the test classes).
-* :func:`bootstrap_ci`: percentile interval of the balanced accuracy of out-of-fold predictions,
-  resampling *speakers* (groups) with replacement.
+* speaker-bootstrap intervals live in :mod:`probes.bootstrap` (``bootstrap_ci`` and
+  ``bootstrap_confusions`` here are entry points into it).
 * :func:`parse_label_map` / :func:`binary_metrics`: e.g. ``Lateral:Disordered,Interdental:Disordered``
   turns the multi-class output into a screening decision (the first target named is the positive
   class; the probability of it is the sum of its source classes' probabilities).
@@ -143,32 +143,19 @@ def group_confusions(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray,
 
 
 def bootstrap_confusions(conf_g: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of balanced accuracy, resampling groups of ``(G, K, K)`` confusions."""
-    n_groups = conf_g.shape[0]
-    if n_groups < 2 or n_boot < 1:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot).astype(np.float64)
-    k = conf_g.shape[1]
-    boot = (weights @ conf_g.reshape(n_groups, k * k).astype(np.float64)).reshape(n_boot, k, k)
-    scores = bacc_from_confusion(boot)
-    lo, hi = np.nanpercentile(scores, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
+    """See :func:`probes.bootstrap.bootstrap_confusions` (the one speaker bootstrap; kept here as an
+    entry point)."""
+    from probes.bootstrap import bootstrap_confusions as impl
+
+    return impl(conf_g, n_boot, alpha, seed)
 
 
-def bootstrap_ci(
-    y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, n_classes: int,
-    n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-) -> tuple[float, float]:
-    """``(low, high)`` speaker-bootstrap interval of balanced accuracy of out-of-fold predictions.
+def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, n_classes: int,
+                 n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """See :func:`probes.bootstrap.bootstrap_ci` (kept here as an entry point)."""
+    from probes.bootstrap import bootstrap_ci as impl
 
-    Each of ``n_boot`` resamples draws as many speakers as there are, with replacement, and keeps
-    all their items; items without a group count as their own speaker.
-    """
-    groups = np.asarray(groups, dtype=object).astype(str).copy()
-    empty = groups == ""
-    groups[empty] = [f"__item_{i}" for i in np.flatnonzero(empty)]
-    return bootstrap_confusions(group_confusions(y_true, y_pred, groups, n_classes), n_boot, alpha, seed)
+    return impl(y_true, y_pred, groups, n_classes, n_boot, alpha, seed)
 
 
 # -- binary screening ------------------------------------------------------------------------

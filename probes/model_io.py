@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from featstore.cv import fit_groups
 from featstore.store import OK, Store, open_store
+from probes.names import CLASS_WEIGHTS, POOLINGS, PROBES, SCOPES, SELF_POOLING, probe_input_kind
+from probes.tables import write_csv
 
 BUNDLE_FORMAT = "featstore-probe"
 BUNDLE_VERSION = 1
@@ -57,16 +60,13 @@ def _layer_spec(layer: int | str) -> int | str:
 
 
 def _store_layers(store: Store) -> list[int]:
-    ids = getattr(store, "layer_ids", None)
-    return list(ids) if ids is not None else list(range(store.num_layers))
+    return list(store.layer_ids)
 
 
 def _features(store: Store, probe: str, layer: int | str, pooling: str, scope: str, rows: np.ndarray,
               layers_used: list[int] | None = None) -> tuple[Any, int]:
     """Probe input for ``rows`` and the feature width it is based on."""
-    from probes.estimators import probe_input_kind
     from probes.pooling import all_layers_matrix, frame_sequences, pooled_matrix
-    from probes.sweep import SELF_POOLING
 
     kind = probe_input_kind(probe)
     have = _store_layers(store)
@@ -111,12 +111,17 @@ def fit_final(
     """
     import joblib
 
-    from probes.estimators import make_probe, probe_input_kind
+    from probes.estimators import make_probe
     from probes.pooling import resolve_scope
-    from probes.sweep import PROBES, SELF_POOLING
 
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; use one of {', '.join(PROBES)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+    if class_weight not in (None, "None", *CLASS_WEIGHTS):
+        raise ValueError(f"unknown class weight {class_weight!r}; use one of {', '.join(CLASS_WEIGHTS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
     cw = None if class_weight in (None, "none", "None") else class_weight
     layer = _layer_spec(layer)
     kind = probe_input_kind(probe)
@@ -140,8 +145,8 @@ def fit_final(
         est = make_probe(probe, class_weight=cw, random_state=seed, n_threads=n_threads, **(params or {}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            groups = np.array([str(g) for g in st.column("group")[rows]], dtype=object)
-            if (groups != "").all():
+            groups = fit_groups(st.column("group")[rows])
+            if groups is not None:
                 est.fit(x, y, groups=groups)
             else:
                 est.fit(x, y)
@@ -237,3 +242,8 @@ def predict_store(bundle: dict | str | os.PathLike, store: str | os.PathLike | S
     finally:
         if own:
             st.close()
+
+
+def write_predictions(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write :func:`predict_store`'s table as CSV (the one table writer, :mod:`probes.tables`)."""
+    return write_csv(df, out)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-BASELINES = ("majority", "chance")
+from probes.names import BASELINES
 
 
 def _plt():

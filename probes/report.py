@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 
 from probes import plots
-
-BASELINES = ("majority", "chance")
+from probes import selection as S
+from probes.names import BASELINES
+from probes.tables import fmt as _fmt
+from probes.tables import markdown_table as _md_table
+from probes.tables import write_text
 
 
 def _read(out_dir: Path, name: str) -> pd.DataFrame:
@@ -20,25 +23,22 @@ def _read(out_dir: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"layer": str}, keep_default_na=True)
 
 
-def _fmt(v, digits: int = 3) -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return "–" if np.isnan(v) else f"{v:.{digits}f}"
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
+def _headline_lines(prefix: str, entry: dict) -> list[str]:
+    h, o = entry["headline"], entry["other_folds"]
+    name = "Nested-CV balanced accuracy" if h["method"] == S.NESTED else "Balanced accuracy, selection on other outer folds (not nested)"
+    lines = [f"{prefix}**{name}: {_fmt(h['bacc'])}** — {h['description']}."]
+    if h["method"] == S.NESTED:
+        lines += ["", f"{prefix}For comparison, {o['description']}: {_fmt(o['bacc'])}."]
+    if h.get("folds"):
+        lines += ["", "Choices per outer fold:", "",
+                  _md_table(pd.DataFrame([{"fold": f["fold"], "chosen configuration": f"`{f['config']}`",
+                                           "selection score": _fmt(f["selection_score"]),
+                                           "score on fold": _fmt(f["score"])} for f in h["folds"]]))]
+    return lines
 
 
 def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
     """Write the plots (PNG) and ``report.md`` into ``out_dir``; return the report's path."""
-    from probes.sweep import nested_selection
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"no sweep directory at {out_dir}")
@@ -50,8 +50,15 @@ def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
     probes_only = summary[~summary["probe"].isin(BASELINES)]
     if probes_only.empty:
         raise ValueError(f"{out_dir}/summary.csv holds no probe results")
-    if "nested_bacc" not in best:
-        best["nested_bacc"] = nested_selection(folds[~folds["probe"].isin(BASELINES)])["nested_bacc"]
+    fp = folds[~folds["probe"].isin(BASELINES)]
+    if "per_store" not in best:  # an older sweep directory: only the not-nested selection can be recomputed
+        best["per_store"] = {}
+        for st, g in fp.groupby("store", sort=False):
+            o = S.other_folds_selection(g)
+            o["description"] = S.describe(S.OTHER_FOLDS, n_configs=int(g["config"].nunique()))
+            best["per_store"][st] = {"headline": o, "other_folds": o}
+        if len(best["per_store"]) == 1:
+            best.update(next(iter(best["per_store"].values())))
     ranked = probes_only.sort_values(["balanced_accuracy_mean", "config"], ascending=[False, True])
     top_row = ranked.iloc[0]
     stores = list(dict.fromkeys(summary["store"]))
@@ -78,23 +85,21 @@ def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
         ch = b.loc[b["probe"] == "chance", "balanced_accuracy_mean"]
         lines.append(f"- store **{st}** (encoder `{enc}`): {n_items} items; baselines of the same folds: "
                      f"majority {_fmt(maj.iloc[0] if len(maj) else np.nan)}, chance {_fmt(ch.iloc[0] if len(ch) else np.nan)}")
-    n_folds = int(folds["fold"].max()) + 1
+    lines += ["", "## Headline", ""]
+    if "headline" in best:
+        lines += _headline_lines("", best)
+    if best.get("headline_note"):
+        lines += ["", f"Note: {best['headline_note']}."]
+    if "headline" not in best or len(best["per_store"]) > 1:
+        for st, entry in best["per_store"].items():
+            lines += ["", f"### {st}", ""] + _headline_lines("", entry)
     lines += [
-        "", "## Headline", "",
-        f"**Nested-CV balanced accuracy: {_fmt(best['nested_bacc'])}** — for each of the {n_folds} outer "
-        "folds the configuration with the best mean balanced accuracy on the *other* folds is chosen "
-        "and scored on that fold; the selection never sees the fold it is scored on.",
         "",
         f"Naive best (the maximum over {len(probes_only)} configurations, scored on the folds that chose it, "
         f"so optimistic): {_fmt(top_row['balanced_accuracy_mean'])} ± {_fmt(top_row['balanced_accuracy_std'])} "
         f"(speaker-bootstrap 95% CI {_fmt(top_row.get('bacc_ci_low'))}–{_fmt(top_row.get('bacc_ci_high'))}), "
         f"`{top_row['config']}`; majority {_fmt(top_row['majority_bacc'])}, chance {_fmt(top_row['chance_bacc'])}.",
     ]
-    if best.get("nested_folds"):
-        lines += ["", "Choices per outer fold:", ""]
-        lines.append(_md_table(pd.DataFrame(
-            [{"fold": f["fold"], "chosen configuration": f"`{f['config']}`", "score on fold": _fmt(f["score"])}
-             for f in best["nested_folds"]])))
     cols = {"store": "store", "layer": "layer", "pooling": "pooling", "probe": "probe", "class_weight": "weights"}
     rows = []
     for _, r in ranked.head(top).iterrows():
@@ -113,6 +118,4 @@ def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
     lines += ["## Figures", ""]
     for title, path in images:
         lines += [f"### {title}", "", f"![{title}]({Path(path).name})", ""]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return write_text("\n".join(lines) + "\n", out_dir / "report.md")

@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from featstore.cv import cca_folds
+
 #: relative tolerance under which a singular value counts as zero
 RANK_TOL = 1e-9
 
@@ -459,51 +461,6 @@ def pwcca(X: np.ndarray, Y: np.ndarray, keep: float = 0.99, max_dims: int | None
 # ---------------------------------------------------------------------------------------------
 # Held-out CCA
 # ---------------------------------------------------------------------------------------------
-def make_folds(groups: np.ndarray | None, n_splits: int = 5, seed: int = 0, within: bool = False,
-               units: np.ndarray | None = None) -> np.ndarray:
-    """Test-fold index per row.
-
-    ``within=False``: rows sharing a group (speaker) stay in one fold; groups are shuffled and cut
-    into ``n_splits`` runs of about equal row counts. ``within=True``: each group's units (default:
-    each row; pass item ids when rows are frames) are dealt round-robin over the folds, so every
-    group is seen in training -- needed when the target *is* the speaker. ``n_splits`` is lowered
-    to the number of groups (units) available; fewer than 2 is an error.
-    """
-    if groups is None:
-        raise ValueError("groups is required (use np.arange(n) for ungrouped rows)")
-    groups = np.asarray(groups)
-    n = len(groups)
-    rng = np.random.default_rng(seed)
-    _, g = np.unique(groups, return_inverse=True)
-    if not within:
-        n_groups = int(g.max()) + 1 if n else 0
-        k = min(n_splits, n_groups)
-        if k < 2:
-            raise ValueError(f"held-out CCA needs at least 2 groups, got {n_groups}")
-        # groups in random order, cut into k runs of about n / k rows each
-        order = rng.permutation(n_groups)
-        sizes = np.bincount(g, minlength=n_groups)[order]
-        before = np.cumsum(sizes) - sizes
-        fold_of = np.empty(n_groups, dtype=np.int64)
-        fold_of[order] = np.minimum((before + sizes / 2) * k // n, k - 1).astype(np.int64)
-        return fold_of[g]
-    _, u = np.unique(np.arange(n) if units is None else np.asarray(units), return_inverse=True)
-    n_units = int(u.max()) + 1 if n else 0
-    k = min(n_splits, n_units)
-    if k < 2:
-        raise ValueError(f"held-out CCA needs at least 2 items, got {n_units}")
-    unit_group = np.zeros(n_units, dtype=np.int64)
-    unit_group[u] = g
-    # each group's units in random order, dealt round-robin from a random fold
-    order = np.lexsort((rng.random(n_units), unit_group))
-    first = np.searchsorted(unit_group[order], unit_group[order])
-    rank = np.arange(n_units) - first
-    start = rng.integers(0, k, size=int(g.max()) + 1)
-    fold_of = np.empty(n_units, dtype=np.int64)
-    fold_of[order] = (start[unit_group[order]] + rank) % k
-    return fold_of[u]
-
-
 class _NeuronMoments:
     """``sum_i w_i z_i n_i'`` (``(k, d)``) and ``sum_i w_i n_i`` over chosen rows, for PWCCA.
 
@@ -751,7 +708,7 @@ def heldout_cca(
 
     ``Y`` may be 1-D class labels (any type): a one-hot target, never reduced. ``groups`` (e.g.
     speakers; default: every row its own group) keeps a group's rows in one fold, or, with
-    ``within=True``, spreads each group's rows over the folds (see :func:`make_folds`); the score is
+    ``within=True``, spreads each group's rows over the folds (:func:`featstore.cv.cca_folds`); the score is
     averaged over ``n_repeats`` random fold assignments.
     """
     X = _as2d(X)
@@ -766,5 +723,5 @@ def heldout_cca(
         zy = svd_reduce(Y, keep, max_dims).scores if reduce_y else Y
     groups = np.arange(X.shape[0]) if groups is None else np.asarray(groups)
     zx = svd_reduce(X, keep, max_dims).scores
-    folds = np.stack([make_folds(groups, n_splits, seed + r, within=within) for r in range(n_repeats)])
+    folds = np.stack([cca_folds(groups, n_splits, seed + r, within=within) for r in range(n_repeats)])
     return HeldOutCCA(zx, zy, neurons=X, pw=method == "pwcca").score(folds, method)

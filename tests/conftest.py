@@ -2,11 +2,32 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_this_checkouts_cli() -> None:
+    """The folder ``cli/`` is installed as the package ``featstore_cli`` (pyproject's package-dir).
+    Where that name is not installed, or an editable install maps it to another checkout, the tests
+    import this checkout's folder under it, so they always run the code they sit beside."""
+    spec = importlib.util.find_spec("featstore_cli")
+    if spec is not None and spec.origin and Path(spec.origin).resolve().parent == ROOT / "cli":
+        return
+    spec = importlib.util.spec_from_file_location("featstore_cli", ROOT / "cli" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "cli")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["featstore_cli"] = module
+    spec.loader.exec_module(module)
+
+
+_import_this_checkouts_cli()
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
              conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from cli.analyze_cmd import analyze
+from featstore_cli.analyze_cmd import analyze
 from featstore.fakestore import write_fake_store
 from featstore.store import StoreWriter
 from probes.analysis import AnalysisError, find_crossover, layer_profile, layer_similarity
@@ -158,7 +158,7 @@ def test_bad_options(store):
         layer_profile(store, nuisances=("age",), n_boot=0, n_shuffle=0)
     with pytest.raises(AnalysisError, match="unknown method foo"):
         layer_profile(store, methods=("foo",))
-    with pytest.raises(AnalysisError, match=r"layer 9 does not exist in structured.h5: it has layers 0..3"):
+    with pytest.raises(AnalysisError, match=r"layer 9 does not exist: structured.h5 has layers 0..3"):
         layer_profile(store, layers=[9], n_boot=0, n_shuffle=0)
     with pytest.raises(AnalysisError, match="no store at"):
         layer_profile(store.parent / "missing.h5")
@@ -197,7 +197,7 @@ def test_cli_writes_table_plots_and_report(store, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--nuisance", "age"], "has no items/ column 'age'"),
     (["--method", "svcca,foo"], "--method: unknown 'foo'"),
-    (["--layers", "0-x"], "--layers: cannot read '0-x'"),
+    (["--layers", "0-x"], "--layers: bad layer spec '0-x'"),
     (["--level", "word"], "unknown level 'word'"),
 ])
 def test_cli_user_errors_are_one_red_line(store, tmp_path, args, message):
@@ -211,3 +211,57 @@ def test_cli_user_errors_are_one_red_line(store, tmp_path, args, message):
 def test_cli_missing_store(tmp_path):
     res = CliRunner().invoke(_app(), ["analyze", str(tmp_path / "nope.h5")])
     assert res.exit_code == 2 and "no store at" in res.output
+
+
+def write_subset_store(path: Path, seed: int = 3) -> Path:
+    """A store extracted with ``--layers 0,4,8``: stored layers 0 (noise), 4 (speaker), 8 (label)."""
+    rng = np.random.default_rng(seed)
+    labels = np.array(["a", "b", "c"])[np.arange(24) % 3]
+    spk_dir, cls_dir = rng.normal(size=(24, 6)) * 1.5, rng.normal(size=(3, 6)) * 1.5
+    rows, frames = [], []
+    for s in range(24):
+        for j in range(5):
+            t = int(rng.integers(3, 7))
+            noise = rng.normal(size=(3, t, 6))
+            y = "abc".index(labels[s])
+            frames.append([noise[0], noise[1] + spk_dir[s], noise[2] + cls_dir[y]])
+            rows.append({"id": f"s{s:02d}_{j}", "path": "x.wav", "label": labels[s], "group": f"s{s:02d}",
+                         "num_samples": 320 * t + 80})
+    w = StoreWriter.create(path, rows, {**ATTRS, "layer_ids": [0, 4, 8]}, [6] * 3, layer_ids=[0, 4, 8])
+    w.write_items([(i, {}, f) for i, f in enumerate(frames)])
+    return w.finalize()
+
+
+def test_layer_subset_store(tmp_path):
+    """Stored layer ids 0, 4, 8 (not 0..2): profile, similarity and the command use them."""
+    path = write_subset_store(tmp_path / "subset.h5")
+    df = layer_profile(path, nuisances=("group",), n_boot=5, n_shuffle=2)
+    assert sorted(set(df.layer)) == [0, 4, 8]
+    assert _score(df, "svcca", "label", 8) > _score(df, "svcca", "label", 0) + 0.4
+    assert _score(df, "svcca", "group", 4) > _score(df, "svcca", "group", 0) + 0.3
+    last = layer_profile(path, nuisances=(), methods=("cka",), layers="-1", n_boot=0, n_shuffle=0)
+    assert sorted(set(last.layer)) == [8]
+    m = layer_similarity(path, layers_a=[4, 8])
+    assert m.shape == (2, 3)
+    with pytest.raises(AnalysisError, match=r"layer 2 does not exist: subset.h5 has layers 0, 4, 8"):
+        layer_profile(path, layers=[2], n_boot=0, n_shuffle=0)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(_app(), ["analyze", str(path), "--layers", "4,8", "--n-boot", "5", "--n-shuffle", "2",
+                                      "--n-jobs", "1", "--level", "center", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "profile.csv")
+    assert sorted(set(table.layer)) == [4, 8]
+    sim = pd.read_csv(out / "similarity_subset_subset.csv")
+    assert sorted(set(sim.layer_a)) == [4, 8] and sorted(set(sim.layer_b)) == [4, 8]
+
+
+def test_report_names_the_non_standard_choices(store, tmp_path):
+    from probes.analysis import run_analysis
+
+    res = run_analysis([store], nuisances=("group",), methods=("svcca", "pwcca", "cka"), layers=[2], n_boot=5,
+                       n_shuffle=2, out=tmp_path / "o")
+    text = (res.out / "analysis.md").read_text()
+    for phrase in ("SVCCA dimension cap", "at most min(50, n/10) dimensions", "99 % of its variance",
+                   "Held-out CCA", "PWCCA weighting side", "*layer's*", "Interval method", "5 draws",
+                   "median equals the estimate", "Shuffled floor", "2 permutations"):
+        assert phrase in text, phrase

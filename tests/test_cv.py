@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from probes import metrics as M
-from probes.cv import FoldError, FoldWarning, NoGroupsWarning, describe_folds, fold_ids, make_folds
+from featstore.cv import (FoldError, FoldWarning, NoGroupsWarning, cca_folds, describe_folds, fit_groups, fold_ids,
+                          make_folds, nested_folds)
 
 
 def _data(n_speakers=24, per=5, seed=0):
@@ -172,3 +173,21 @@ def test_fast_metrics_equal_sklearn_on_random_data():
         assert m["roc_auc_ovr"] == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", labels=[0, 1, 2, 3]))
         tied = proba[:, 0].round(1)  # ties
         assert M.binary_auc(y == 0, tied) == pytest.approx(roc_auc_score(y == 0, tied))
+
+
+def test_cca_folds_grouped_and_within():
+    g = np.repeat(np.arange(12), 5)
+    f = cca_folds(g, 5, seed=0)
+    for s in range(12):  # a speaker sits in one fold
+        assert len(set(f[g == s])) == 1
+    assert sorted(np.bincount(f)) == [10, 10, 10, 15, 15]
+    fw = cca_folds(g, 5, seed=0, within=True)
+    for s in range(12):  # each speaker's 5 items are spread over the 5 folds
+        assert sorted(fw[g == s]) == [0, 1, 2, 3, 4]
+    g2, units = np.repeat(np.arange(10), 6), np.repeat(np.arange(30), 2)  # frames: 2 rows per item
+    fu = cca_folds(g2, 3, seed=0, within=True, units=units)
+    assert (fu[::2] == fu[1::2]).all()  # an item's frames stay together
+    for s in range(10):  # each speaker's 3 items go to 3 folds
+        assert sorted(fu[g2 == s][::2]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="held-out CCA needs at least 2 groups, got 1"):
+        cca_folds(np.zeros(10), 5)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cli.probes_app import app
+from featstore_cli.probes_app import app
 from featstore.fakestore import write_fake_store
 from probes.sweep import run_sweep
 

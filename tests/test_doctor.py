@@ -333,7 +333,7 @@ def test_user_errors(tmp_path):
 # CLI
 # ---------------------------------------------------------------------------------------------
 def _app():
-    from cli.doctor_cmd import doctor
+    from featstore_cli.doctor_cmd import doctor
 
     app = typer.Typer()
     app.command("doctor")(doctor)

@@ -263,7 +263,7 @@ def test_cli_user_errors(tiny_models, clips, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from cli.finetune_cmd import finetune as command
+    from featstore_cli.finetune_cmd import finetune as command
 
     app = typer.Typer()
     app.command()(command)
@@ -327,7 +327,7 @@ def test_cli_exit_code_on_interrupt(tiny_models, clips, tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from cli.finetune_cmd import finetune as command
+    from featstore_cli.finetune_cmd import finetune as command
     from featstore.finetune import Trainer
 
     def stop(self):

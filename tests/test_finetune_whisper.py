@@ -293,7 +293,7 @@ def test_user_errors(whisper_dir, clips, tmp_path, tiny_models):
 def test_cli_finetune_then_extract_uses_the_recorded_window(whisper_dir, clips, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.featstore_app import app
+    from featstore_cli.featstore_app import app
 
     runner = CliRunner()
     run = tmp_path / "runs" / "w"

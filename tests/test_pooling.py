@@ -1,7 +1,10 @@
 """Pooling over true frames / segments, spans, the pooled cache, and the no-padding guarantee."""
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -9,7 +12,8 @@ import pytest
 
 import featstore
 from featstore.fakestore import write_fake_store
-from featstore.store import StoreWriter, write_pooled
+from featstore.store import StoreWriter
+from probes.cache import CacheWarning, sidecar_dir
 from probes.pooling import (
     POOLINGS,
     all_layers_matrix,
@@ -155,27 +159,38 @@ def test_pooled_matrix_matches_per_item_pooling(seg_store, scope):
                                       pooled_matrix(st, 1, "max", scope, cache=False)[rows])
 
 
-def test_pooled_cache_written_and_read(seg_store, tmp_path):
+def _digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _entries(path) -> list[Path]:
+    return sorted(sidecar_dir(path).glob("*/*.npy"))
+
+
+def test_pooled_cache_lives_beside_the_store_and_is_read(seg_store, tmp_path):
     path = tmp_path / "c.h5"
     path.write_bytes(seg_store.read_bytes())
-    with featstore.open(path) as st:  # read-only handle: pooling closes, writes, reopens it
+    before = (_digest(path), path.stat().st_mtime_ns)
+    with featstore.open(path) as st:
         first = pooled_matrix(st, 2, "stats", "auto")
-        assert st.h5.mode == "r" and st.num_items == 24  # the handle still works
         second = pooled_matrix(st, 2, "stats", "auto")
         np.testing.assert_array_equal(first, second)
-        pooled_matrix(st, 2, "mean", cache=False)
+        pooled_matrix(st, 2, "mean", cache=False)  # cache=False writes nothing
+    assert (_digest(path), path.stat().st_mtime_ns) == before  # the store itself is never written
     with h5py.File(path, "r") as h5:
-        assert list(h5["pooled"].keys()) == ["segment-stats"]  # "auto" resolved in the key
-        np.testing.assert_array_equal(h5["pooled/segment-stats/02"][:], first)
+        assert "pooled" not in h5
+    entries = _entries(path)
+    assert [e.name.split("-L")[0] for e in entries] == ["segment-stats"]  # "auto" resolved in the key
+    np.testing.assert_array_equal(np.load(entries[0]), first)
     # the cache is what is read: a planted value comes back
     planted = np.full((24, 10), 7.0, np.float32)
-    write_pooled(path, cache_key("segment", "stats"), 2, planted)
+    np.save(entries[0], planted)
     with featstore.open(path) as st:
         np.testing.assert_array_equal(pooled_matrix(st, 2, "stats", rows=[1, 2]), planted[:2])
         assert cache_key("clip", "center", 3) == "clip-center3"
 
 
-def test_cache_skipped_when_file_is_open_elsewhere(seg_store, tmp_path):
+def test_cache_written_while_another_handle_reads_the_store(seg_store, tmp_path):
     path = tmp_path / "busy.h5"
     path.write_bytes(seg_store.read_bytes())
     other = featstore.open(path)
@@ -183,11 +198,97 @@ def test_cache_skipped_when_file_is_open_elsewhere(seg_store, tmp_path):
         with featstore.open(path) as st:
             got = pooled_matrix(st, 0, "mean", "clip")
             assert st.num_items == 24
-        assert other.pooled("clip-mean", 0) is None
+        assert other.num_items == 24 and len(_entries(path)) == 1
     finally:
         other.close()
     with featstore.open(path) as st:
         np.testing.assert_array_equal(pooled_matrix(st, 0, "mean", "clip", cache=False), got)
+
+
+def _read_only(path):
+    os.chmod(path, 0o444)
+    os.chmod(path.parent, 0o555)
+
+
+def _writable(path):
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o644)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_store_and_folder_fall_back_to_the_user_cache(seg_store, tmp_path, monkeypatch):
+    store_dir = tmp_path / "ro"
+    store_dir.mkdir()
+    path = store_dir / "ro.h5"
+    path.write_bytes(seg_store.read_bytes())
+    monkeypatch.setenv("FEATSTORE_CACHE_DIR", str(tmp_path / "user"))
+    _read_only(path)
+    try:
+        with featstore.open(path) as st:
+            got = pooled_matrix(st, 1, "max", "clip")
+            np.testing.assert_array_equal(got, pooled_matrix(st, 1, "max", "clip", cache=False))
+        assert not sidecar_dir(path).exists()
+        assert len(list((tmp_path / "user" / "pooled").glob("*/*.npy"))) == 1
+    finally:
+        _writable(path)
+
+
+def test_unwritable_locations_fall_back_then_warn(seg_store, tmp_path, monkeypatch):
+    """Injected failures (works as root too): the sidecar folder cannot be made -> the user cache
+    folder is used; neither can -> no cache, one CacheWarning, the same numbers."""
+    path = tmp_path / "s.h5"
+    path.write_bytes(seg_store.read_bytes())
+    monkeypatch.setenv("FEATSTORE_CACHE_DIR", str(tmp_path / "user"))
+    real_mkdir = Path.mkdir
+    blocked = [sidecar_dir(path)]
+
+    def mkdir(self, *args, **kwargs):
+        if any(self == b or b in self.parents for b in blocked):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with featstore.open(path) as st:
+        want = pooled_matrix(st, 1, "mean", "clip", cache=False)
+        np.testing.assert_array_equal(pooled_matrix(st, 1, "mean", "clip"), want)
+    assert not sidecar_dir(path).exists() and len(list((tmp_path / "user").glob("pooled/*/*.npy"))) == 1
+    blocked.append(tmp_path / "user")
+    with featstore.open(path) as st:
+        with pytest.warns(CacheWarning, match="are not cached .*Permission denied"):
+            got = pooled_matrix(st, 1, "max", "clip")
+        np.testing.assert_array_equal(got, pooled_matrix(st, 1, "max", "clip", cache=False))
+
+
+def test_legacy_pooled_group_stays_readable_and_is_not_trusted(seg_store, tmp_path):
+    path = tmp_path / "legacy.h5"
+    path.write_bytes(seg_store.read_bytes())
+    with h5py.File(path, "a") as h5:  # what older versions wrote into finished stores
+        h5.create_dataset("pooled/clip-mean/01", data=np.full((24, 5), 9.0, np.float32))
+    with featstore.open(path) as st:
+        assert st.pooled("clip-mean", 1)[0, 0] == 9.0  # still readable ...
+        got = pooled_matrix(st, 1, "mean", "clip")  # ... but not used: it carries no version
+        start, stop = item_spans(st, "clip")
+        np.testing.assert_allclose(got[3], st.layer(1)[start[3]:stop[3]].mean(0), rtol=1e-6)
+
+
+def test_pooled_entries_are_versioned(seg_store, tmp_path, monkeypatch):
+    import probes.cache as pc
+
+    path = tmp_path / "v.h5"
+    path.write_bytes(seg_store.read_bytes())
+    with featstore.open(path) as st:
+        pooled_matrix(st, 0, "mean", "clip")
+    (entry,) = _entries(path)
+    np.save(entry, np.full((24, 5), 3.0, np.float32))  # a stale value under the current versions
+    with featstore.open(path) as st:
+        assert pooled_matrix(st, 0, "mean", "clip")[0, 0] == 3.0
+    real = pc.library_versions()
+    for key in ("featstore", "numpy", "scipy"):
+        monkeypatch.setattr(pc, "library_versions", lambda key=key: {**real, key: real[key] + ".post1"})
+        with featstore.open(path) as st:
+            fresh = pooled_matrix(st, 0, "mean", "clip")  # another version: recomputed, not the stale entry
+            np.testing.assert_array_equal(fresh, pooled_matrix(st, 0, "mean", "clip", cache=False))
+    assert len(_entries(path)) == 4
 
 
 @pytest.mark.parametrize("scope", ["clip", "segment"])
@@ -223,7 +324,8 @@ def test_items_without_frames(tmp_path):
     path = write_store(tmp_path / "f.h5", [x, None, 2 * x])
     with featstore.open(path) as st:
         np.testing.assert_array_equal(pooled_matrix(st, 1, "mean", rows=[0, 2]), [[2, 2], [4, 4]])
-        assert np.isnan(st.pooled("clip-mean", 1)[1]).all()  # cached with a NaN row for the failed item
+        (entry,) = _entries(path)
+        assert np.isnan(np.load(entry)[1]).all()  # cached with a NaN row for the failed item
         with pytest.raises(ValueError, match=r"1 of the requested items have no frames \(i1\); select items "
                                              r"with frames \(e.g. status == 'ok'\)"):
             pooled_matrix(st, 1, "mean")
@@ -258,3 +360,127 @@ def test_all_layers_requires_equal_widths(tmp_path):
     with featstore.open(w.finalize()) as st:
         with pytest.raises(ValueError, match=r"layers \[0, 1\] have different widths \[2, 3\]"):
             all_layers_matrix(st, "mean", "clip")
+
+
+# -- bounded memory: every reader streams offset-sorted chunks -------------------------------------
+class _SpyDataset:
+    def __init__(self, ds, reads):
+        self._ds, self._reads = ds, reads
+
+    def __getitem__(self, sel):
+        out = self._ds[sel]
+        self._reads.append((out.shape[0], out.dtype))
+        return out
+
+    def read_direct(self, dest, source_sel, dest_sel):
+        self._ds.read_direct(dest, source_sel, dest_sel)
+        sel = source_sel if isinstance(source_sel, slice) else source_sel[0]
+        self._reads.append((len(range(*sel.indices(self._ds.shape[0]))), dest.dtype))
+
+    def __getattr__(self, name):
+        return getattr(self._ds, name)
+
+
+class _SpyLayers:
+    def __init__(self, group, reads):
+        self._group, self._reads = group, reads
+
+    def __getitem__(self, name):
+        return _SpyDataset(self._group[name], self._reads)
+
+    def __getattr__(self, name):
+        return getattr(self._group, name)
+
+    def __iter__(self):
+        return iter(self._group)
+
+    def __len__(self):
+        return len(self._group)
+
+    def __contains__(self, name):
+        return name in self._group
+
+
+class _SpyFile:
+    """An h5py file whose layer datasets record the rows of every read."""
+
+    def __init__(self, h5):
+        self._h5, self.reads = h5, []
+
+    def __getitem__(self, key):
+        if key == "layers":
+            return _SpyLayers(self._h5["layers"], self.reads)
+        if isinstance(key, str) and key.startswith("layers/"):
+            return _SpyDataset(self._h5[key], self.reads)
+        return self._h5[key]
+
+    def __contains__(self, key):
+        return key in self._h5
+
+    def __getattr__(self, name):
+        return getattr(self._h5, name)
+
+
+@pytest.fixture()
+def half_store(tmp_path):
+    """A float16 store of 40 items x 5-40 frames x 6 dims (one item of 300 frames)."""
+    rng = np.random.default_rng(7)
+    rows, frames = [], []
+    for j in range(40):
+        t = 300 if j == 17 else int(rng.integers(5, 41))
+        rows.append({"id": f"i{j}", "label": "ab"[j % 2], "group": f"s{j % 8}",
+                     "segment_start_frame": 1, "segment_end_frame": t - 1})
+        frames.append([rng.normal(size=(t, 6)).astype(np.float16) * 3])
+    w = StoreWriter.create(tmp_path / "half.h5", rows, {"encoder": "hand"}, [6], dtype="float16")
+    w.write_items([(j, {}, f) for j, f in enumerate(frames)])
+    return w.finalize()
+
+
+def test_pooling_streams_chunks_of_the_stored_dtype(half_store, monkeypatch):
+    """Peak memory follows the chunk: no read of more than one chunk of frames, frames read as
+    float16 (no float32 copy of the layer), and the same numbers as per-item float64 pooling."""
+    import featstore.store as fs
+
+    monkeypatch.setattr(fs, "CHUNK_BYTES", 8 * 6 * 32)  # 32 frames of 6 dims per chunk
+    with featstore.open(half_store) as st:
+        total = st.h5["layers/00"].shape[0]
+        ref_layer = st.layer(0)
+        spy = _SpyFile(st.h5)
+        st.h5 = spy
+        assert st.chunk_frames(0) == 32 and total > 600
+        for scope in ("clip", "segment"):
+            start, stop = item_spans(st, scope)
+            for method in POOLINGS:
+                spy.reads.clear()
+                got = pooled_matrix(st, 0, method, scope, cache=False, center_k=3)
+                want = np.stack([reference(ref_layer[a:b], method, 3) for a, b in zip(start, stop)])
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{scope} {method}")
+                assert spy.reads and max(n for n, _ in spy.reads) <= 32, (method, max(spy.reads))
+                assert {d for _, d in spy.reads} == {np.dtype(np.float16)}
+            spy.reads.clear()
+            seqs = frame_sequences(st, 0, scope, rows=[17, 3, 17])
+            for i, x in zip([17, 3, 17], seqs):
+                np.testing.assert_array_equal(x, ref_layer[start[i]:stop[i]].astype(np.float32))
+            assert max(n for n, _ in spy.reads) <= 32
+        spy.reads.clear()
+        idx = np.array([5, 700, 3, 3, total - 1, 250])
+        np.testing.assert_array_equal(st.read_frames(0, idx), ref_layer[idx])
+        assert max(n for n, _ in spy.reads) <= 32
+        spy.reads.clear()
+        offs, nfr = st.column("offset"), st.column("num_frames")
+        order = [5, 17, 2, 39, 0]
+        seen = [(r, f) for r, f in st.iter_item_frames(0, order)]
+        assert [r for r, _ in seen] == order  # the caller's order
+        for r, f in seen:
+            np.testing.assert_array_equal(f, ref_layer[offs[r]:offs[r] + nfr[r]])
+        assert max(n for n, _ in spy.reads) <= 300  # an item longer than a chunk is read alone
+        st.h5 = spy._h5
+
+
+def test_long_span_pieces_merge_exactly(half_store):
+    """A span longer than a chunk is pooled from pieces: same mean/std/max as in one piece."""
+    with featstore.open(half_store) as st:
+        for method in ("mean", "stats", "max"):
+            whole = pooled_matrix(st, 0, method, "clip", rows=[17], cache=False, chunk_frames=1000)
+            pieces = pooled_matrix(st, 0, method, "clip", rows=[17], cache=False, chunk_frames=7)
+            np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-6, err_msg=method)

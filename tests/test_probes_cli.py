@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cli.probes_app import app
+from featstore_cli.probes_app import app
 from featstore.fakestore import write_fake_store
 
 runner = CliRunner()
@@ -31,7 +31,7 @@ def test_sweep_then_report(store, tmp_path):
     res = _ok(runner.invoke(app, ["sweep", str(store), "--layers", "0-1", "--pooling", "mean,max", "--probe", "logreg",
                                   "--class-weight", "none", "--cv", "3", "--n-jobs", "1", "--out", str(out),
                                   "--no-progress", "--no-report", "--n-boot", "100"]))
-    assert "Best configurations" in res.output and "headline (nested CV" in res.output
+    assert "Best configurations" in res.output and "headline balanced accuracy" in res.output and "true nested CV" in res.output
     folds = pd.read_csv(out / "folds.csv", dtype={"layer": str})
     summary = pd.read_csv(out / "summary.csv", dtype={"layer": str})
     assert {"store", "encoder", "layer", "scope", "pooling", "probe", "class_weight", "fold", "accuracy",
@@ -47,7 +47,7 @@ def test_sweep_then_report(store, tmp_path):
     for name in ("layers.png", "heatmap.png", "confusion_best.png"):
         assert (out / name).stat().st_size > 1000, name
     text = (out / "report.md").read_text()
-    assert "Nested-CV balanced accuracy" in text and "majority" in text and "![" in text
+    assert "Nested-CV balanced accuracy" in text and "selection on other outer folds — not nested" in text and "majority" in text and "![" in text
 
 
 def test_sweep_writes_report_by_default(store, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 import featstore
-from cli.featstore_app import app
+from featstore_cli.featstore_app import app
 from featstore.extract import encode_with_backoff, extract, shard_rows
 from featstore.merge import MergeError, merge_shards
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from featstore.cv import cca_folds
 from probes.similarity import (HeldOutCCA, OneHotCKA, canonical_correlations, fit_cca, fit_cca_onehot,
-                               heldout_cca, linear_cka, make_folds, one_hot, pwcca, pwcca_weights, svcca,
+                               heldout_cca, linear_cka, one_hot, pwcca, pwcca_weights, svcca,
                                svd_reduce)
 
 
@@ -122,7 +123,7 @@ def test_heldout_bootstrap_weights_match_resampled_rows():
     g = np.repeat(np.arange(20), 6)
     codes = (g % 3).astype(np.int64)
     X = rng.normal(size=(120, 5)) + np.eye(5)[codes] * 1.5
-    folds = make_folds(g, 4, seed=0)
+    folds = cca_folds(g, 4, seed=0)
     m = np.bincount(rng.integers(0, 20, 20), minlength=20).astype(float)
     got = HeldOutCCA(X, codes).scores(folds, m[g][None, :])
     rows = np.repeat(np.arange(120), m[g].astype(int))
@@ -132,29 +133,11 @@ def test_heldout_bootstrap_weights_match_resampled_rows():
     assert 0.3 < expect["svcca"] < 1
     # the per-speaker shortcut for PWCCA gives the same numbers, also for items split within speakers
     fast = HeldOutCCA(X, codes, groups=g)
-    for f in (folds, make_folds(g, 3, seed=1, within=True)):
+    for f in (folds, cca_folds(g, 3, seed=1, within=True)):
         a, b = fast.scores(f, m[g][None, :]), HeldOutCCA(X, codes).scores(f, m[g][None, :])
         assert a["pwcca"][0] == pytest.approx(b["pwcca"][0], abs=1e-6)
     other = fast.with_target(g % 2)
     assert other.run(folds)["svcca"] == pytest.approx(HeldOutCCA(X, g % 2).run(folds)["svcca"], abs=1e-12)
-
-
-def test_make_folds_grouped_and_within():
-    g = np.repeat(np.arange(12), 5)
-    f = make_folds(g, 5, seed=0)
-    for s in range(12):  # a speaker sits in one fold
-        assert len(set(f[g == s])) == 1
-    assert sorted(np.bincount(f)) == [10, 10, 10, 15, 15]
-    fw = make_folds(g, 5, seed=0, within=True)
-    for s in range(12):  # each speaker's 5 items are spread over the 5 folds
-        assert sorted(fw[g == s]) == [0, 1, 2, 3, 4]
-    g2, units = np.repeat(np.arange(10), 6), np.repeat(np.arange(30), 2)  # frames: 2 rows per item
-    fu = make_folds(g2, 3, seed=0, within=True, units=units)
-    assert (fu[::2] == fu[1::2]).all()  # an item's frames stay together
-    for s in range(10):  # each speaker's 3 items go to 3 folds
-        assert sorted(fu[g2 == s][::2]) == [0, 1, 2]
-    with pytest.raises(ValueError, match="held-out CCA needs at least 2 groups, got 1"):
-        make_folds(np.zeros(10), 5)
 
 
 def test_onehot_cka_matches_explicit_cka_with_and_without_resampling():
