@@ -5,21 +5,13 @@ the summary table. Exit 1 when a step fails, 2 on a usage error (one line, no tr
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-EXIT_USAGE = 2
-
-
-def _fail(console: Console, message: str) -> None:
-    from rich.markup import escape
-
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(EXIT_USAGE)
+from .errors import user_errors
 
 
 def doctor(
@@ -35,21 +27,14 @@ def doctor(
 ) -> None:
     """Check a store step by step (data, confounds, folds, features and label alignment, shuffle
     control, padding, layers, class weighting); exit 1 when a step fails."""
-    from probes.doctor import DoctorError, run_doctor, summary_table
-    from probes.sweep import SweepError, parse_layers
+    from featstore.layerspec import parse_layers
+    from probes.doctor import run_doctor, summary_table
 
-    err = Console(stderr=True)
-    try:
-        layer_list = parse_layers(layers)
-    except SweepError as exc:
-        _fail(err, f"--layers: {exc}")
-    try:
-        report = run_doctor(file, baseline=baseline, padded=padded, out_dir=out, layers=layer_list,
+    with user_errors("--layers: "):
+        spec = parse_layers(layers)
+    with user_errors():
+        report = run_doctor(file, baseline=baseline, padded=padded, out_dir=out, layers=spec,
                             n_permutations=n_permutations, cv=cv, seed=seed, progress=progress)
-    except (DoctorError, FileNotFoundError, OSError, ValueError, KeyError) as exc:
-        if os.environ.get("PROBES_DEBUG"):
-            raise
-        _fail(err, str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
     out_console = Console() if Console().is_terminal else Console(width=160)
     out_console.print(summary_table(report))
     verdict = (f"[bold red]{len(report.failed)} step(s) failed[/]: " + ", ".join(s.name for s in report.failed)

@@ -323,7 +323,7 @@ def test_user_errors(tmp_path):
     with pytest.raises(DoctorError, match="no store at"):
         run_doctor(tmp_path / "missing.h5", **FAST)
     path = healthy(tmp_path / "h.h5")
-    with pytest.raises(DoctorError, match=r"the store has no layer 7 \(it has 0..3\)"):
+    with pytest.raises(DoctorError, match=r"layer 7 does not exist: the store has layers 0\.\.3"):
         run_doctor(path, layers=[7], out_dir=tmp_path / "o", **FAST)
     with pytest.raises(DoctorError, match="cv must be at least 2, got 1"):
         run_doctor(path, out_dir=tmp_path / "o", n_permutations=5, cv=1, progress=False)
@@ -461,7 +461,7 @@ def test_the_view_is_frozen(tmp_path):
 
 
 def test_paired_speaker_bootstrap_of_a_difference():
-    from probes.doctor._shared import paired_bootstrap_diff
+    from probes.bootstrap import paired_difference_ci as paired_bootstrap_diff
     from probes.metrics import balanced_accuracy
 
     rng = np.random.default_rng(0)

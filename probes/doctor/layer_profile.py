@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from probes.doctor._shared import paired_bootstrap_diff
+from probes.bootstrap import paired_difference_ci
 from probes.doctor.result import FAIL, PASS, WARN, Step
 from probes.doctor.screen import lda_cv_predict, logreg_oof, oof_bacc, screen_features
 from probes.doctor.view import View
@@ -83,7 +83,7 @@ def _baseline(view: View) -> tuple[str, str, dict]:
     else:
         m_pred = logreg_oof(view.X(*screen.best)[common], y, folds, view.k, None, view.seed)
     m, b = oof_bacc(y, m_pred, view.k), oof_bacc(y, b_pred, view.k)
-    lo, hi = paired_bootstrap_diff(y, m_pred, b_pred, view.groups[common], view.k, seed=view.seed)
+    lo, hi = paired_difference_ci(y, m_pred, b_pred, view.groups[common], view.k, seed=view.seed)
     ev = {"baseline_name": name, "baseline_balanced_accuracy": b, "baseline_layer": bkey[0],
           "model_balanced_accuracy": m, "model_minus_baseline": m - b, "difference_ci_low": lo,
           "difference_ci_high": hi, "baseline_items": len(common),

@@ -28,7 +28,7 @@ def run_doctor(
     store_path: str | Path,
     baseline: str | Path | None = None,
     out_dir: str | Path | None = None,
-    layers: Sequence[int] | None = None,
+    layers=None,
     n_permutations: int = 100,
     cv: int = 5,
     seed: int = 0,
@@ -39,7 +39,7 @@ def run_doctor(
 
     ``baseline``: an acoustic store (e.g. log-Mel) of the same items for step 7; ``padded``: a store
     of the same items written by the common padded recipe, measured in step 6 instead of the
-    simulation; ``out_dir`` default ``cache/doctor/<store stem>/``; ``layers`` None = every layer;
+    simulation; ``out_dir`` default ``cache/doctor/<store stem>/``; ``layers`` a layer spec (``None``/``"all"`` = every stored layer, ``"0-4,-1"``, a list);
     ``n_permutations`` label shuffles for steps 2, 4 and 5; ``cv`` speaker-grouped folds. Raises
     :class:`DoctorError` for user errors (missing file, bad option).
     """
@@ -55,7 +55,7 @@ def run_doctor(
         raise DoctorError(f"cv must be at least 2, got {cv}")
     if n_permutations < 0:
         raise DoctorError(f"n_permutations must be 0 or more, got {n_permutations}")
-    if layers is not None and not len(layers):
+    if layers is not None and not isinstance(layers, (str, int)) and not hasattr(layers, "every") and not len(layers):
         raise DoctorError("layers is empty")
     from threadpoolctl import threadpool_limits
 
@@ -81,7 +81,7 @@ def _run(path: Path, baseline: Path | None, padded: Path | None, layers, n_perm:
         raise DoctorError(str(exc)) from None
     with store:
         log(f"1/8 {data_sanity.NAME}")
-        table = read_table(store, None if layers is None else [int(k) for k in layers], cv, seed)
+        table = read_table(store, layers, cv, seed)
         step, can_run = data_sanity.run(table)
         done[step.name] = step
         view = None

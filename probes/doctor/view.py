@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from featstore.cv import FoldError, FoldWarning, make_folds
+from featstore.layerspec import LayerSpecError, resolve_layers
 from featstore.store import OK, Store, open_store
 from probes.doctor.result import DoctorError
 from probes.doctor.screen import Screen, run_screen
@@ -41,19 +42,12 @@ def _strings(values: Any) -> np.ndarray:
     return np.array(["" if v is None else str(v).strip() for v in values], dtype=object)
 
 
-class _FramesOnly(Store):
-    """A store handle that hides the ``pooled/`` cache, so pooling reads the frames."""
-
-    def pooled(self, key: str, k: int) -> None:  # noqa: ARG002 - the cache is never trusted
-        return None
-
-
 def pool_from_frames(store: Store, layer: int, method: str, scope: str, rows: np.ndarray,
                      center_k: int = 1) -> np.ndarray:
     """:func:`probes.pooling.pooled_matrix` over the frames (no cache read, none written)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pooled_matrix(_FramesOnly(store.path, store.h5), layer, method, scope=scope, rows=rows,
+        return pooled_matrix(store, layer, method, scope=scope, rows=rows,
                              cache=False, center_k=center_k)
 
 
@@ -94,17 +88,16 @@ class Table:
         return self.ok & (self.labels != "")
 
 
-def read_table(store: Store, layers: Sequence[int] | None, cv: int, seed: int) -> Table:
-    """The items table and the layers to screen (``None`` = every stored layer)."""
+def read_table(store: Store, layers, cv: int, seed: int) -> Table:
+    """The items table and the layers to screen: ``layers`` is a layer spec (``None``/``"all"`` =
+    every stored layer; see :func:`featstore.layerspec.resolve_layers`)."""
     have = tuple(store.layer_ids)
-    if layers is None:
-        chosen = have
-    else:
-        missing = [k for k in layers if k not in have]
-        if missing:
-            raise DoctorError(f"the store has no layer {','.join(map(str, missing))} (it has "
-                              f"{have[0]}..{have[-1]})" if have else "the store has no layers")
-        chosen = tuple(sorted(set(int(k) for k in layers)))
+    if not have:
+        raise DoctorError("the store has no layers")
+    try:
+        chosen = tuple(resolve_layers(layers, have, what="the store"))
+    except LayerSpecError as exc:
+        raise DoctorError(str(exc)) from None
     col = store.column
     extra = {c: _frozen(_strings(col(c))) for c in store.extra_columns}
     return Table(
