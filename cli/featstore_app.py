@@ -17,7 +17,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
     """One red line, no traceback."""
-    console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -37,7 +39,7 @@ def extract(
     textgrid_labels: Optional[str] = typer.Option(None, help="Comma-separated interval labels to take (default: all non-empty)."),
     context_seconds: Optional[float] = typer.Option(None, help="Whisper only: shortened encoder window in seconds (default: the full 30-s window)."),
     shard: Optional[str] = typer.Option(None, help="Process shard K/N of the manifest into its own file."),
-    overwrite: bool = typer.Option(False, help="Replace a finished store."),
+    overwrite: bool = typer.Option(False, help="Rebuild the store; the new one is built aside and replaces the old one only when complete."),
     strict: bool = typer.Option(False, help="Exit with code 1 when any item failed."),
 ) -> None:
     """Run the model once and store every layer's frames (resumes an interrupted run)."""

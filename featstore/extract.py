@@ -374,7 +374,7 @@ def extract(
                 for attempt in (0, 1):
                     _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch,
                                  stop, lock)
-                    writer.set_attrs(extraction_stats=_stats(writer, encoder, time.perf_counter() - t0))
+                    writer.set_attrs(extraction_stats=_stats(writer, time.perf_counter() - t0, resumed))
                     try:
                         writer.finalize()
                         break
@@ -483,15 +483,15 @@ def _resume_line(writer: StoreWriter, rows: Sequence[Row], batch_seconds: float)
     return line
 
 
-def _stats(writer: StoreWriter, encoder: Encoder, wall: float) -> dict[str, Any]:
-    """Extraction statistics of the whole run (summed over the committed batches)."""
+def _stats(writer: StoreWriter, wall: float, resumed: bool) -> dict[str, Any]:
+    """Extraction statistics: frames and padded frames summed over every committed batch (whichever
+    run committed it), the number of batch commits, and the wall time of the call that finished."""
     frames = padded = 0
     for b in writer.batches.values():
         frames += int(b.header["stats"].get("frames", 0))
         padded += int(b.header["stats"].get("padded_frames", 0))
-    enc = {k: v for k, v in getattr(encoder, "stats", {}).items() if k not in ("frames", "padded_frames")}
-    return {**enc, "frames": frames, "padded_frames": padded, "wall_seconds": round(wall, 3),
-            "batches": len(writer.batches)}
+    return {"frames": frames, "padded_frames": padded, "batches": len(writer.batches),
+            "wall_seconds": round(wall, 3), "resumed": bool(resumed)}
 
 
 def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequence[Row], n: int) -> None:
@@ -531,6 +531,8 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
             task = bar.add_task("extract", total=n_items, rate="")
             future = pool.submit(decode, todo[0][1])
             for n, (bi, js) in enumerate(todo):
+                if stop.signum is not None:  # SIGTERM before this batch started (e.g. during the audit)
+                    raise _Stopped
                 clips = future.result()
                 future = pool.submit(decode, todo[n + 1][1]) if n + 1 < len(todo) else None
                 stats = getattr(encoder, "stats", None) or {}
@@ -595,7 +597,8 @@ def _encode_batch(encoder, rows, todo, clips, layer_ids, result, crop: bool, dty
             entries.append((j, {**fields, "status": "encode_error", "error": f"{type(out).__name__}: {out}"}, None))
             continue
         raw = [np.asarray(out[k]) for k in layer_ids]
-        frames = [np.ascontiguousarray(f, dtype=dtype) for f in raw]
+        with np.errstate(over="ignore"):  # a float16 overflow is reported just below
+            frames = [np.ascontiguousarray(f, dtype=dtype) for f in raw]
         problem = _nonfinite_message(raw, frames, layer_ids, np.dtype(dtype), amp)
         if problem:
             entries.append((j, {**fields, "status": "nonfinite", "error": problem}, None))

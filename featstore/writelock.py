@@ -90,6 +90,7 @@ class WriterLock:
     def acquire(self) -> "WriterLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(50):
+            existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,6 +100,8 @@ class WriterLock:
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    if not existed:  # the empty file this attempt created is nobody's lock
+                        self.path.unlink(missing_ok=True)
                     self._flock = False
                     return self._acquire_exclusive()
                 raise
@@ -123,8 +126,9 @@ class WriterLock:
         host = socket.gethostname()
         if prev and prev.get("host") not in (None, host) and time.time() - st.st_mtime < FOREIGN_STALE_SECONDS:
             raise LockBusy(
-                self._busy(prev) + f"; the lock was refreshed {time.time() - st.st_mtime:.0f} s ago. If no featstore "
-                f"run is active on {prev.get('host')}, delete {self.path} and run again")
+                f"{self.store} is being written by {_describe(prev)} (lock {self.path}, refreshed "
+                f"{time.time() - st.st_mtime:.0f} s ago); wait for that run to finish. If no featstore run is active "
+                f"on {prev.get('host')}, delete {self.path} and run again")
         if prev:
             pid = prev.get("pid")
             if prev.get("host") not in (None, host):
