@@ -478,13 +478,15 @@ class StoreWriter:
         if key < 0 or key in self.batches:
             raise ValueError(f"batch {key} is already committed" if key >= 0 else "batch keys are >= 0")
         rows, fields, counts, arrays = [], [], [], []
+        seen: set[int] = set()
         n_rows, n_layers = len(self.rows), len(self.dims)
         for row, values, frames in results:
             row = int(row)
             if not 0 <= row < n_rows:
                 raise ValueError(f"row {row} does not exist (the run has {n_rows} rows)")
-            if row in self._done or row in rows:
+            if row in self._done or row in seen:
                 raise ValueError(f"row {row} is already committed")
+            seen.add(row)
             n = 0
             if frames is not None:
                 if len(frames) != n_layers:
