@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from rich.markup import escape
 
 from featstore.audio import AudioError, Clip, load_audio, probe_duration
 from featstore.encoders.base import Encoder
@@ -341,7 +342,7 @@ def extract(
     out = Path(out) if out else default_out(name, man.source, shard_t)
     with WriterLock(out, "featstore extract") as lock:
         if lock.note:
-            console.print(f"[yellow]note:[/] {lock.note}")
+            _note(console, lock.note)
         encoder = model if isinstance(model, Encoder) else _load_encoder(model, device, dict(encoder_options or {}))
         layer_ids = parse_layers(layers, encoder.num_layers)
         identity = run_identity(encoder, man, dtype=dtype, layer_ids=layer_ids, crop_to_segment=crop_to_segment,
@@ -357,8 +358,8 @@ def extract(
                     "it with --overwrite (the new store replaces it only once complete) or write to another --out",
                     fields)
             if fields and not overwrite:
-                console.print(f"[yellow]note:[/] {out} is out of date ({describe_diff(fields, 'the store')}): "
-                              "rebuilding it; it is replaced when the new one is complete")
+                _note(console, f"{out} is out of date ({describe_diff(fields, 'the store')}): rebuilding it; it is "
+                      "replaced when the new one is complete")
         writer, resumed = _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds,
                                     crop_to_segment, overwrite or rebuild_stale, console)
         result = ExtractResult(out, len(rows), 0, resumed=resumed)
@@ -381,7 +382,7 @@ def extract(
                     except PartialDamaged as exc:
                         if attempt:
                             raise
-                        console.print(f"[yellow]note:[/] {exc} — redoing it now")
+                        _note(console, f"{exc} — redoing it now")
         except (KeyboardInterrupt, _Stopped):
             result.interrupted = True
             result.stopped_by = "SIGTERM" if stop.signum is not None else "interrupt"
@@ -391,6 +392,11 @@ def extract(
     result.ok, result.failures, result.notes, result.items = done.ok, done.failures, done.notes, done.items
     result.wall_seconds = time.perf_counter() - t0
     return result
+
+
+def _note(console: Any, message: str) -> None:
+    """One yellow ``note:`` line (the message is printed as it is, not as markup)."""
+    console.print(f"[yellow]note:[/] {escape(message)}")
 
 
 def _finished_diff(out: Path, identity: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -431,12 +437,12 @@ def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds
         except StoreMismatch as exc:
             if not discard_other:
                 raise
-            console.print(f"[yellow]note:[/] discarded the unfinished run in {pp}: it was started with other "
-                          f"settings ({describe_diff(exc.fields, 'there')})")
+            _note(console, f"discarded the unfinished run in {pp}: it was started with other settings "
+                           f"({describe_diff(exc.fields, 'there')})")
         except PartialDamaged as exc:
             damaged = str(exc)
         else:
-            console.print(_resume_line(writer, rows, batch_seconds))
+            console.print(escape(_resume_line(writer, rows, batch_seconds)))
             return writer, True
     lengths = []
     for r in rows:
@@ -454,11 +460,10 @@ def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds
         return writer, False
     kept = len(writer.batches)
     if kept:
-        console.print(f"[yellow]note:[/] {damaged}: kept the {kept} committed batch(es) that belong to this run, "
-                      f"the rest is redone" + (f" ({len(writer.dropped)} other or damaged batch file(s) deleted)"
-                                               if writer.dropped else ""))
+        _note(console, f"{damaged}: kept the {kept} committed batch(es) that belong to this run, the rest is redone"
+              + (f" ({len(writer.dropped)} other or damaged batch file(s) deleted)" if writer.dropped else ""))
     else:
-        console.print(f"[yellow]note:[/] {damaged}: nothing could be kept, starting over")
+        _note(console, f"{damaged}: nothing could be kept, starting over")
     return writer, kept > 0
 
 

@@ -267,10 +267,29 @@ def identity_diff(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[tupl
     return out
 
 
+def _compact(value: Any) -> Any:
+    """A JSON list of integers as ranges (``"[0, 1, 2, 6]"`` -> ``0-2,6``), anything else unchanged."""
+    if not (isinstance(value, str) and value.startswith("[")):
+        return value
+    try:
+        ints = json.loads(value)
+    except ValueError:
+        return value
+    if not ints or not all(isinstance(i, int) for i in ints):
+        return value
+    out, start = [], ints[0]
+    for a, b in zip(ints, ints[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
 def describe_diff(fields: Sequence[tuple[str, Any, Any]], theirs: str, ours: str = "this run") -> str:
     """``layer_ids: the store [0, 1, 2], this run [0, 2]; manifest_sha256 (the manifest changed) ...``"""
     parts = []
     for key, h, w in fields:
+        h, w = _compact(h), _compact(w)
         if key == "manifest_sha256":
             parts.append(f"manifest_sha256 (the manifest's content changed: {_short(h, 12)} vs {_short(w, 12)})")
         elif h is None:

@@ -245,7 +245,7 @@ def test_changed_inputs_or_settings_refuse_a_finished_store(wavlm, clip_set, tin
     out = tmp_path / "s.h5"
     extract(clip_set, wavlm, out, progress=False, audit_clips=0)
     cases = [
-        (dict(layers="0,2"), ["layer_ids: the store [0, 1, 2], this run [0, 2]"]),
+        (dict(layers="0,2"), ["layer_ids: the store 0-2, this run 0,2"]),
         (dict(dtype="float16"), ["dtype: the store float32, this run float16"]),
         (dict(crop_to_segment=True), ["crop_to_segment: the store False, this run True"]),
         (dict(group_column="sex"), ["group_column: the store speaker, this run sex"]),
