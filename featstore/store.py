@@ -154,6 +154,8 @@ class _Enc(json.JSONEncoder):
             return {"__nparray__": o.dtype.str, "v": o.tolist()}
         if isinstance(o, bytes):
             return o.decode("utf-8", "replace")
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
         return super().default(o)
 
 
