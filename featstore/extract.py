@@ -366,7 +366,7 @@ def extract(
         loader = _Loader(encoder, crop_to_segment)
         stop = _StopSignal()
         try:
-            with stop:
+            with stop, _SameThreads(writer):
                 bad = [(j, {"status": r.status, "error": r.error}, None) for j, r in enumerate(rows) if r.status]
                 if bad and not writer.committed(0):  # rows rejected by manifest validation: batch 0
                     writer.write_items(bad, key=0)
@@ -455,7 +455,8 @@ def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds
     attrs = {**identity, "manifest": str(man.source), "created_at": datetime.now(timezone.utc).isoformat(),
              "versions": _versions(), "padding_audit": {}, "batch_seconds": float(batch_seconds)}
     writer = StoreWriter.create(out, init, attrs, [encoder.layer_dims[k] for k in layer_ids], dtype, man.extra_columns,
-                                layer_ids=layer_ids, plan=plan, salvage=damaged is not None)
+                                layer_ids=layer_ids, plan=plan, settings=_run_settings(),
+                                salvage=damaged is not None)
     if damaged is None:
         return writer, False
     kept = len(writer.batches)
@@ -465,6 +466,36 @@ def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds
     else:
         _note(console, f"{damaged}: nothing could be kept, starting over")
     return writer, kept > 0
+
+
+def _run_settings() -> dict[str, Any]:
+    """Settings a resumed run must reuse to give the same bits: the CPU thread count (float sums
+    are split differently across threads: 1 vs 2 threads move base-size WavLM frames by ~3e-5)."""
+    import torch
+
+    return {"torch_threads": int(torch.get_num_threads())}
+
+
+class _SameThreads:
+    """Run with the thread count recorded by the run that started the store; restored after."""
+
+    def __init__(self, writer: StoreWriter):
+        self.want = writer.settings.get("torch_threads")
+        self.before: int | None = None
+
+    def __enter__(self) -> "_SameThreads":
+        import torch
+
+        if self.want and int(self.want) != torch.get_num_threads():
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(int(self.want))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
 
 
 def _expected_keys(writer: StoreWriter, rows: Sequence[Row]) -> list[int]:
@@ -485,6 +516,9 @@ def _resume_line(writer: StoreWriter, rows: Sequence[Row], batch_seconds: float)
     recorded = writer.attrs.get("batch_seconds")
     if recorded is not None and float(recorded) != float(batch_seconds):
         line += f"; keeping the first run's batch plan (--batch-seconds {float(recorded):g})"
+    threads = writer.settings.get("torch_threads")
+    if threads and int(threads) != _run_settings()["torch_threads"]:
+        line += f"; using the first run's {int(threads)} torch thread(s) (this process has {_run_settings()['torch_threads']})"
     return line
 
 

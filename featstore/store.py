@@ -354,13 +354,15 @@ class StoreWriter:
         layer_ids: Sequence[int] | None = None,
         *,
         plan: Sequence[Sequence[int]] | None = None,
+        settings: Mapping[str, Any] | None = None,
         durable: bool = True,
         salvage: bool = False,
     ) -> "StoreWriter":
         """Start a run of ``path`` with one pending row per entry of ``rows``.
 
         ``layer_ids`` names the stored layers (model layer indices, default ``0..L-1``); ``plan``
-        (e.g. the batches) is kept in the run record for a resumed run to reuse. An existing
+        (e.g. the batches) and ``settings`` (e.g. the thread count) are kept in the run record
+        for a resumed run to reuse; they are not attributes of the finished store. An existing
         unfinished run is discarded, except with ``salvage=True``: its record is rewritten and its
         batch files that belong to exactly this run (same rows, attributes, plan) are kept.
         """
@@ -376,6 +378,7 @@ class StoreWriter:
             "extra_columns": [str(c) for c in extra_columns],
             "chunk_frames": int(chunk_frames),
             "plan": [[int(j) for j in b] for b in plan] if plan is not None else None,
+            "settings": dict(settings or {}),
         }
         # round-trip once so that the writer sees exactly what a resumed run will read
         spec = _loads(_dumps(spec))
@@ -473,6 +476,10 @@ class StoreWriter:
     @property
     def plan(self) -> list[list[int]] | None:
         return self.spec.get("plan")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.spec.get("settings") or {})
 
     @property
     def attrs(self) -> dict[str, Any]:

@@ -138,9 +138,16 @@ def test_interrupt_at_every_io_call_of_a_batch_commit(wavlm, clip_set, reference
 
 
 def _cli(args, env=None, timeout=300):
+    import torch
+
+    # the reference's thread count (other counts round differently), whatever earlier tests put in
+    # the environment (a dask cluster sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in this process's environment)
+    threads = str(torch.get_num_threads())
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     return subprocess.run([sys.executable, "-m", "cli.featstore_app", *map(str, args)], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})})
+                          env={**base, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads,
+                               "MKL_NUM_THREADS": threads, **(env or {})})
 
 
 def test_command_killed_in_the_commit_window_then_killed_again_while_finishing(wavlm, clip_set, audited_reference,
@@ -197,6 +204,36 @@ def test_resume_keeps_the_recorded_batch_plan(wavlm, clip_set, reference, tmp_pa
     assert res.resumed and res.ok == N_CLIPS
     assert "keeping the first run's batch plan (--batch-seconds 0.3)" in buf.getvalue()
     assert_same_store(reference, out)
+
+
+def test_resume_uses_the_recorded_thread_count(tiny_models, clip_set, reference, tmp_path):
+    import torch
+
+    from featstore.encoders.hf_ssl import SSLEncoder
+
+    enc = SSLEncoder(tiny_models["wavlm"])
+    used = []
+    real = enc.encode
+    enc.encode = lambda clips: used.append(torch.get_num_threads()) or real(clips)
+    out = tmp_path / "t.h5"
+    first_threads = torch.get_num_threads()
+
+    def stop(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    assert extract(clip_set, enc, out, batch_seconds=BATCH_SECONDS, progress=False, audit_clips=0, on_batch=stop).interrupted
+    other = 1 if first_threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        used.clear()
+        console, buf = quiet()
+        res = extract(clip_set, enc, out, batch_seconds=BATCH_SECONDS, progress=False, audit_clips=0, console=console)
+        assert torch.get_num_threads() == other  # restored afterwards
+    finally:
+        torch.set_num_threads(first_threads)
+    assert res.ok == N_CLIPS and used and set(used) == {first_threads}
+    assert f"using the first run's {first_threads} torch thread(s) (this process has {other})" in buf.getvalue()
 
 
 def _damage_partial(out: Path, how: str) -> None:
