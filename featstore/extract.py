@@ -12,7 +12,6 @@ the run.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import signal

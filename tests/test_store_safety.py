@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import featstore
 from featstore import store as st
 from featstore.store import PartialDamaged, StoreWriter, check_store, compare_stores, partial_path
 from featstore.writelock import LockBusy, WriterLock, lock_path
