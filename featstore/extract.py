@@ -352,10 +352,10 @@ def extract(
                 _drop_leftover(out, identity)
                 return _finished_result(out, already_done=True)
             if fields and not (overwrite or rebuild_stale):
-                raise StoreMismatch(
-                    f"{out} was built with other inputs or settings — {describe_diff(fields, 'the store')}; rebuild "
-                    "it with --overwrite (the new store replaces it only once complete) or write to another --out",
-                    fields)
+                what = (f"exists but {fields[0][1]}" if fields[0][0] == "store" else
+                        f"was built with other inputs or settings — {describe_diff(fields, 'the store')}")
+                raise StoreMismatch(f"{out} {what}; rebuild it with --overwrite (the new store replaces it only once "
+                                    "complete) or write to another --out", fields)
             if fields and not overwrite:
                 _note(console, f"{out} is out of date ({describe_diff(fields, 'the store')}): rebuilding it; it is "
                       "replaced when the new one is complete")
@@ -403,7 +403,7 @@ def _finished_diff(out: Path, identity: dict[str, Any]) -> list[tuple[str, Any, 
         with open_store(out) as store:
             have = dict(store.h5.attrs)
     except (OSError, ValueError) as exc:
-        return [("file", f"unreadable ({exc})", "a readable featstore file")]
+        return [("store", f"cannot be read: {exc}", None)]
     return identity_diff(have, identity)
 
 

@@ -292,7 +292,9 @@ def describe_diff(fields: Sequence[tuple[str, Any, Any]], theirs: str, ours: str
     parts = []
     for key, h, w in fields:
         h, w = _compact(h), _compact(w)
-        if key == "manifest_sha256":
+        if key == "store":  # the file itself is unreadable
+            parts.append(str(h))
+        elif key == "manifest_sha256":
             parts.append(f"manifest_sha256 (the manifest's content changed: {_short(h, 12)} vs {_short(w, 12)})")
         elif h is None:
             parts.append(f"{key} ({theirs} has none, {ours} {_short(w, 40)})")

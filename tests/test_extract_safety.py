@@ -311,6 +311,15 @@ def test_changed_inputs_or_settings_refuse_a_finished_store(wavlm, clip_set, tin
     assert again.already_done and again.ok == N_CLIPS
 
 
+def test_an_unreadable_store_is_not_reused(wavlm, clip_set, tmp_path):
+    out = tmp_path / "u.h5"
+    out.write_bytes(b"not an HDF5 file at all")
+    r = runner.invoke(app, ["extract", "--manifest", str(clip_set), "--model", wavlm, "--out", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert f"error: {out} exists but cannot be read: " in r.output and "; rebuild it with --overwrite" in r.output
+    assert extract(clip_set, wavlm, out, overwrite=True, progress=False, audit_clips=0).ok == N_CLIPS
+
+
 def test_whisper_window_is_part_of_the_identity(clip_set, tmp_path):
     import torch
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
