@@ -1,13 +1,19 @@
 """Kill-stress test of `featstore extract`: random kills of a real extraction process, then resume.
 
 Each trial starts the real command (``python -m cli.featstore_app extract ...``) on the same
-clips, kills it at a random moment of an uninterrupted run's duration (SIGKILL mostly, as an
-out-of-memory kill or ``kill -9`` would; some SIGTERM, some SIGINT = Ctrl-C), in some trials
-kills the resumed run a second time, then runs the same command to the end and compares the
+clips, kills it at a random moment (SIGKILL mostly, as an out-of-memory kill or ``kill -9``
+would; some SIGTERM, some SIGINT = Ctrl-C), in some trials kills the resumed run a second time,
+then runs the same command to the end and compares the
 store with an uninterrupted reference run of the same command: every attribute (but
 ``created_at`` and ``extraction_stats``), every ``items/`` column and every layer, bit for bit.
 It also checks that the final run kept every batch that was committed when the last run
 stopped ("without redoing committed work beyond the batch in flight").
+
+Random moments follow the reference run's timeline, which the script records by watching the
+batch directory: a moment is drawn uniformly over what is left of that timeline (start-up, each
+batch, the finishing step), and the run is killed once it has committed as many batches as the
+reference had at that moment, plus the remaining fraction of that stretch, rescaled by how fast
+the last interrupted run went compared with the reference (the machine's load changes).
 
     python bench/kill_stress.py                           # ~1,000 clips, base-size WavLM, 50 trials
     python bench/kill_stress.py --n 80 --trials 4 --model tiny    # a quick try
@@ -54,26 +60,67 @@ def command(manifest: Path, model: Path, out: Path, batch_seconds: float) -> lis
             "--out", str(out), "--batch-seconds", str(batch_seconds)]
 
 
-def run(cmd: list[str], kill_after: float | None = None, sig: int = signal.SIGKILL) -> tuple[int, str, float, bool]:
-    """Run ``cmd``; with ``kill_after``, send ``sig`` that many seconds after the start.
-    Returns ``(returncode, stderr, wall seconds, whether the signal was sent)``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sent = False
-    if kill_after is not None:
-        try:
-            p.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            p.send_signal(sig)
-            sent = True
-    _, err = p.communicate()
-    return p.returncode, err, time.perf_counter() - t0, sent
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
 
 
 def committed(out: Path) -> int:
     d = out.with_name(out.name + ".partial")
-    return len(list(d.glob("b*.batch"))) if d.is_dir() else 0
+    try:
+        return sum(1 for e in os.scandir(d) if e.name.endswith(".batch") and e.name.startswith("b"))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def run(cmd: list[str], out: Path, kill: tuple | None = None) -> dict:
+    """Run ``cmd`` while watching the batch directory of ``out`` (every 20 ms).
+
+    ``kill = (sig, segment, delay)``: once ``segment`` new batches are committed (0 = at the
+    start), wait ``delay`` seconds more, then send ``sig``. Returns the exit code, stderr, wall
+    time, whether the signal was sent, the batches committed before the start and the time at
+    which each new batch appeared."""
+    before = committed(out)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = __import__("threading").Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    reader.start()
+    seen: list[float] = []
+    fire_at = None if kill is None or kill[1] > 0 else t0 + kill[2]
+    sent = False
+    while p.poll() is None:
+        now = time.perf_counter()
+        n = committed(out) - before
+        while len(seen) < n:
+            seen.append(now - t0)
+        if kill is not None and not sent:
+            if fire_at is None and len(seen) >= kill[1]:
+                fire_at = now + kill[2]
+            if fire_at is not None and now >= fire_at:
+                p.send_signal(kill[0])
+                sent = True
+        time.sleep(0.02)
+    reader.join()
+    return {"rc": p.returncode, "err": "".join(err), "wall": time.perf_counter() - t0, "sent": sent,
+            "before": before, "seen": seen}
+
+
+def plan_kill(rng: random.Random, ref: dict, before: int, total: int, speed: float) -> tuple[int, float, str]:
+    """A random moment of the rest of an uninterrupted run, on the reference's timeline:
+    ``(new batches to wait for, delay after that, description)``. Segments are the start-up (to the
+    first new batch), each batch, and the finishing step, weighted by their reference durations;
+    ``speed`` rescales the reference's durations to the current machine load."""
+    t = ref["seen"]
+    segments = [(0, t[0], "during start-up")]
+    for j in range(before + 1, total):
+        segments.append((j - before, t[j] - t[j - 1], f"during batch {j + 1}/{total}"))
+    segments.append((total - before, ref["wall"] - t[total - 1], "while finishing"))
+    u = rng.uniform(0, sum(d for _, d, _ in segments))
+    for wait, dur, what in segments:
+        if u <= dur:
+            return wait, u * speed, what
+        u -= dur
+    return segments[-1][0], 0.0, segments[-1][2]
 
 
 def pick_signal(rng: random.Random) -> tuple[str, int]:
@@ -109,11 +156,12 @@ def main() -> None:
           f"{load_text()} before", flush=True)
 
     ref = tmp / "reference.h5"
-    rc, err, t_ref, _ = run(command(manifest, model, ref, args.batch_seconds))
-    if rc != 0:
-        sys.exit(f"the reference run failed (exit {rc}):\n{err[-2000:]}")
-    batches = int(re.search(r'"batches": (\d+)', _attrs_text(ref)).group(1))
-    print(f"reference: {t_ref:.1f} s wall (process start to exit), {batches} batches", flush=True)
+    r = run(command(manifest, model, ref, args.batch_seconds), ref)
+    if r["rc"] != 0:
+        sys.exit(f"the reference run failed (exit {r['rc']}):\n{r['err'][-2000:]}")
+    total = len(r["seen"])
+    print(f"reference: {r['wall']:.1f} s wall (process start to exit), {total} batches, first after "
+          f"{r['seen'][0]:.1f} s, last after {r['seen'][-1]:.1f} s", flush=True)
 
     identical = kept_all = 0
     walls = []
@@ -121,28 +169,34 @@ def main() -> None:
         out = tmp / f"trial{trial:03d}.h5"
         cmd = command(manifest, model, out, args.batch_seconds)
         kills = 2 if rng.random() < args.second_kill else 1
-        events, t_trial, last_committed, stopped = [], 0.0, 0, False
+        events, t_trial, last_committed, speed = [], 0.0, 0, 1.0
         for k in range(kills):
             name, sig = pick_signal(rng)
-            at = rng.uniform(0.05, 1.0) * t_ref
-            rc, err, wall, sent = run(cmd, kill_after=at, sig=sig)
-            t_trial += wall
+            c = committed(out)
+            if out.exists() or c >= total:
+                break  # nothing left to interrupt
+            wait, delay, what = plan_kill(rng, r, c, total, speed)
+            got = run(cmd, out, (sig, wait, delay))
+            t_trial += got["wall"]
             last_committed = committed(out)
-            events.append(f"{name}@{at:.1f}s->rc {rc}, {last_committed} committed"
-                          + (", store in place" if out.exists() else "") if sent else
-                          f"(finished before {name}@{at:.1f}s)")
-            stopped = stopped or sent
-        rc, err, wall, _ = run(cmd)
-        t_trial += wall
+            if len(got["seen"]) >= 2:  # this run's batch intervals vs the reference's: the load now
+                ref_dt = (r["seen"][c + len(got["seen"]) - 1] - r["seen"][c]) / (len(got["seen"]) - 1)
+                speed = min(5.0, max(0.2, (got["seen"][-1] - got["seen"][0]) / (len(got["seen"]) - 1) / ref_dt))
+            events.append(f"{name} {what} (+{delay:.1f} s) -> exit {got['rc']}, {last_committed} committed"
+                          + (", store in place" if out.exists() else "") if got["sent"] else
+                          f"(finished before {name} {what})")
+        fin = run(cmd, out)
+        t_trial += fin["wall"]
         walls.append(t_trial)
+        err = fin["err"]
         m = re.search(r"resuming .*?: (\d+) of (\d+) batches already committed", err)
-        if "already complete" in err:  # finished before the kill, or killed after the store was moved into place
+        if "already complete" in err:  # killed after the store was moved into place
             kept, keeps = last_committed, True
         else:  # resumed (a line says how many batches it kept) or started afresh (nothing was committed)
             kept = int(m.group(1)) if m else 0
             keeps = kept == last_committed
-        diffs = ["final run failed: " + err.strip().splitlines()[-1]] if rc != 0 else compare_stores(ref, out)
-        if rc == 0:
+        diffs = ["final run failed: " + err.strip().splitlines()[-1]] if fin["rc"] != 0 else compare_stores(ref, out)
+        if fin["rc"] == 0:
             diffs += [f"check: {p}" for p in check_store(out)]
             if out.with_name(out.name + ".partial").exists():
                 diffs.append("the batch directory was left behind")
@@ -156,19 +210,12 @@ def main() -> None:
     n = args.trials
     print(f"{identical}/{n} identical")
     print(f"{kept_all}/{n} resumed without redoing a committed batch")
-    print(f"mean wall per trial (all runs of the trial): {sum(walls) / n:.1f} s = {sum(walls) / n / t_ref:.2f}x the "
-          f"uninterrupted reference ({t_ref:.1f} s); {load_text()} after")
+    print(f"mean wall per trial (all runs of the trial): {sum(walls) / n:.1f} s = {sum(walls) / n / r['wall']:.2f}x the "
+          f"uninterrupted reference ({r['wall']:.1f} s); {load_text()} after")
     if args.keep:
         print(f"work directory kept: {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _attrs_text(path: Path) -> str:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return str(f.attrs["extraction_stats"])
 
 
 if __name__ == "__main__":
