@@ -33,7 +33,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from benchutil import base_wavlm, load_text
@@ -72,21 +74,30 @@ def committed(out: Path) -> int:
         return 0
 
 
-def run(cmd: list[str], out: Path, kill: tuple | None = None) -> dict:
+def run(cmd: list[str], out: Path, kill: tuple | None = None, ref_seen: list[float] | None = None,
+        speed: float = 1.0) -> dict:
     """Run ``cmd`` while watching the batch directory of ``out`` (every 20 ms).
 
-    ``kill = (sig, segment, delay)``: once ``segment`` new batches are committed (0 = at the
-    start), wait ``delay`` seconds more, then send ``sig``. Returns the exit code, stderr, wall
-    time, whether the signal was sent, the batches committed before the start and the time at
-    which each new batch appeared."""
+    ``kill = (sig, wait, delay)``: once ``wait`` new batches are committed (0 = at the start),
+    wait ``delay`` reference seconds more, rescaled by this run's speed relative to the reference
+    (its batch intervals so far vs ``ref_seen``'s, or ``speed`` before it has two batches), then
+    send ``sig``. Returns the exit code, stderr, wall time, whether the signal was sent, the
+    batches committed before the start, the time at which each new batch appeared and the speed."""
     before = committed(out)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
-    reader = __import__("threading").Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     reader.start()
     seen: list[float] = []
-    fire_at = None if kill is None or kill[1] > 0 else t0 + kill[2]
+
+    def rate() -> float:
+        if len(seen) < 2 or not ref_seen or before + len(seen) > len(ref_seen):
+            return speed
+        ref_dt = (ref_seen[before + len(seen) - 1] - ref_seen[before]) / (len(seen) - 1)
+        return min(5.0, max(0.2, (seen[-1] - seen[0]) / (len(seen) - 1) / max(ref_dt, 1e-3)))
+
+    fire_at = None if kill is None or kill[1] > 0 else t0 + kill[2] * speed
     sent = False
     while p.poll() is None:
         now = time.perf_counter()
@@ -95,32 +106,32 @@ def run(cmd: list[str], out: Path, kill: tuple | None = None) -> dict:
             seen.append(now - t0)
         if kill is not None and not sent:
             if fire_at is None and len(seen) >= kill[1]:
-                fire_at = now + kill[2]
+                fire_at = now + kill[2] * rate()
             if fire_at is not None and now >= fire_at:
                 p.send_signal(kill[0])
                 sent = True
         time.sleep(0.02)
     reader.join()
     return {"rc": p.returncode, "err": "".join(err), "wall": time.perf_counter() - t0, "sent": sent,
-            "before": before, "seen": seen}
+            "before": before, "seen": seen, "speed": rate()}
 
 
-def plan_kill(rng: random.Random, ref: dict, before: int, total: int, speed: float) -> tuple[int, float, str]:
+def plan_kill(rng: random.Random, ref: dict, before: int, total: int) -> tuple[int, float, str, str]:
     """A random moment of the rest of an uninterrupted run, on the reference's timeline:
-    ``(new batches to wait for, delay after that, description)``. Segments are the start-up (to the
-    first new batch), each batch, and the finishing step, weighted by their reference durations;
-    ``speed`` rescales the reference's durations to the current machine load."""
+    ``(new batches to wait for, reference seconds after that, description, kind)``. The stretches
+    are the start-up (to the first new batch), each further batch, and the finishing step,
+    weighted by their durations in the reference run."""
     t = ref["seen"]
-    segments = [(0, t[0], "during start-up")]
+    segments = [(0, t[0], "during start-up", "start-up")]
     for j in range(before + 1, total):
-        segments.append((j - before, t[j] - t[j - 1], f"during batch {j + 1}/{total}"))
-    segments.append((total - before, ref["wall"] - t[total - 1], "while finishing"))
-    u = rng.uniform(0, sum(d for _, d, _ in segments))
-    for wait, dur, what in segments:
+        segments.append((j - before, t[j] - t[j - 1], f"during batch {j + 1}/{total}", "batch"))
+    segments.append((total - before, ref["wall"] - t[total - 1], "while finishing", "finishing"))
+    u = rng.uniform(0, sum(seg[1] for seg in segments))
+    for wait, dur, what, kind in segments:
         if u <= dur:
-            return wait, u * speed, what
+            return wait, u, what, kind
         u -= dur
-    return segments[-1][0], 0.0, segments[-1][2]
+    return segments[-1][0], 0.0, segments[-1][2], segments[-1][3]
 
 
 def pick_signal(rng: random.Random) -> tuple[str, int]:
@@ -163,29 +174,34 @@ def main() -> None:
     print(f"reference: {r['wall']:.1f} s wall (process start to exit), {total} batches, first after "
           f"{r['seen'][0]:.1f} s, last after {r['seen'][-1]:.1f} s", flush=True)
 
-    identical = kept_all = 0
-    walls = []
+    identical = kept_all = killed_trials = 0
+    walls, kinds, signals_sent = [], Counter(), Counter()
+    speed = 1.0  # how slow the machine is now compared with the reference run (from the last run)
     for trial in range(1, args.trials + 1):
         out = tmp / f"trial{trial:03d}.h5"
         cmd = command(manifest, model, out, args.batch_seconds)
         kills = 2 if rng.random() < args.second_kill else 1
-        events, t_trial, last_committed, speed = [], 0.0, 0, 1.0
+        events, t_trial, last_committed, any_sent = [], 0.0, 0, False
         for k in range(kills):
             name, sig = pick_signal(rng)
             c = committed(out)
             if out.exists() or c >= total:
                 break  # nothing left to interrupt
-            wait, delay, what = plan_kill(rng, r, c, total, speed)
-            got = run(cmd, out, (sig, wait, delay))
+            wait, delay, what, kind = plan_kill(rng, r, c, total)
+            got = run(cmd, out, (sig, wait, delay), r["seen"], speed)
+            speed = got["speed"]
             t_trial += got["wall"]
             last_committed = committed(out)
-            if len(got["seen"]) >= 2:  # this run's batch intervals vs the reference's: the load now
-                ref_dt = (r["seen"][c + len(got["seen"]) - 1] - r["seen"][c]) / (len(got["seen"]) - 1)
-                speed = min(5.0, max(0.2, (got["seen"][-1] - got["seen"][0]) / (len(got["seen"]) - 1) / ref_dt))
+            if got["sent"]:
+                any_sent = True
+                kinds[kind] += 1
+                signals_sent[name] += 1
             events.append(f"{name} {what} (+{delay:.1f} s) -> exit {got['rc']}, {last_committed} committed"
                           + (", store in place" if out.exists() else "") if got["sent"] else
                           f"(finished before {name} {what})")
-        fin = run(cmd, out)
+        killed_trials += any_sent
+        fin = run(cmd, out, ref_seen=r["seen"], speed=speed)
+        speed = fin["speed"]
         t_trial += fin["wall"]
         walls.append(t_trial)
         err = fin["err"]
@@ -210,6 +226,9 @@ def main() -> None:
     n = args.trials
     print(f"{identical}/{n} identical")
     print(f"{kept_all}/{n} resumed without redoing a committed batch")
+    print(f"{killed_trials}/{n} trials interrupted at least once; {sum(signals_sent.values())} signals sent "
+          f"({', '.join(f'{k} {v}' for k, v in signals_sent.most_common())}), landing "
+          f"{', '.join(f'{k} {v}' for k, v in kinds.most_common())}")
     print(f"mean wall per trial (all runs of the trial): {sum(walls) / n:.1f} s = {sum(walls) / n / r['wall']:.2f}x the "
           f"uninterrupted reference ({r['wall']:.1f} s); {load_text()} after")
     if args.keep:
