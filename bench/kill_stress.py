@@ -85,7 +85,10 @@ def run(cmd: list[str], out: Path, kill: tuple | None = None, ref_seen: list[flo
     batches committed before the start, the time at which each new batch appeared and the speed."""
     before = committed(out)
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as in a terminal: a shell starting this script in the background (nohup ... &) makes
+    # its children ignore SIGINT, and Python keeps an ignored SIGINT ignored
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     reader.start()
@@ -192,6 +195,8 @@ def main() -> None:
             speed = got["speed"]
             t_trial += got["wall"]
             last_committed = committed(out)
+            if got["sent"] and got["rc"] == 0 and sig != signal.SIGKILL:
+                events.append(f"{name} {what} was sent but the run went on to finish")
             if got["sent"]:
                 any_sent = True
                 kinds[kind] += 1
