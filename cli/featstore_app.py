@@ -11,12 +11,15 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Padding-exact frozen-feature store for speech models.")
 console = Console(stderr=True, soft_wrap=True)
 
-EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: 1: every item failed, --strict with a failed item, or an I/O error (committed work is kept)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
     """One red line, no traceback."""
-    console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -36,14 +39,15 @@ def extract(
     textgrid_labels: Optional[str] = typer.Option(None, help="Comma-separated interval labels to take (default: all non-empty)."),
     context_seconds: Optional[float] = typer.Option(None, help="Whisper only: shortened encoder window in seconds (default: the full 30-s window)."),
     shard: Optional[str] = typer.Option(None, help="Process shard K/N of the manifest into its own file."),
-    overwrite: bool = typer.Option(False, help="Replace a finished store."),
+    overwrite: bool = typer.Option(False, help="Rebuild the store; the new one is built aside and replaces the old one only when complete."),
     strict: bool = typer.Option(False, help="Exit with code 1 when any item failed."),
 ) -> None:
     """Run the model once and store every layer's frames (resumes an interrupted run)."""
     from featstore.encoders.registry import ModelNotAvailable
     from featstore.extract import extract as run
     from featstore.manifest import ManifestError
-    from featstore.store import StoreMismatch
+    from featstore.store import PartialDamaged, StoreMismatch, partial_path
+    from featstore.writelock import LockBusy, LockLost
 
     if dtype not in ("float32", "float16"):
         fail(f"--dtype must be float32 or float16, not {dtype!r}")
@@ -61,19 +65,33 @@ def extract(
             textgrid_tier=textgrid_tier, textgrid_labels=textgrid_labels.split(",") if textgrid_labels else None,
             shard=shard, overwrite=overwrite, encoder_options=options, console=console,
         )
-    except (ManifestError, ModelNotAvailable, StoreMismatch, ValueError) as exc:
+    except (ManifestError, ModelNotAvailable, StoreMismatch, LockBusy, LockLost, PartialDamaged, ValueError) as exc:
         fail(str(exc))
-    except TypeError as exc:
-        fail(f"option not supported by this encoder: {exc}")
-    if res.already_done:
-        console.print(f"[green]{res.path} is already complete[/] (use --overwrite to redo it)")
-        raise typer.Exit(EXIT_OK)
-    if res.interrupted:
-        console.print(f"[yellow]interrupted[/]: work so far is kept in {res.path}.partial; run the same command again to resume")
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/] before any batch was run; nothing was lost")
         raise typer.Exit(EXIT_INTERRUPTED)
-    _print_summary(res)
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        fail(f"cannot read or write{where}: {exc.strerror or exc}; batches committed so far are kept: fix the "
+             "cause and run the same command again to resume", EXIT_FAILED)
+    if res.interrupted:
+        how = "stopped by SIGTERM after the batch in flight" if res.stopped_by == "SIGTERM" else "interrupted"
+        console.print(f"[yellow]{how}[/]: committed batches are kept in {partial_path(res.path)}; run the same "
+                      "command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if res.already_done:
+        console.print(f"[green]{res.path} is already complete[/] ({res.ok} of {res.items} items ok; built with "
+                      "this command's inputs and settings; --overwrite rebuilds it)")
+    else:
+        _print_summary(res)
+    if res.ok == 0:
+        from collections import Counter
+
+        counts = ", ".join(f"{s} {n}" for s, n in Counter(s for _, s, _ in res.failures).most_common())
+        fail(f"every item failed ({len(res.failures)} of {res.items}: {counts}); the store {res.path} holds no "
+             "frames — see the messages above or `featstore info --failures`", EXIT_FAILED)
     if strict and res.failures:
-        raise typer.Exit(EXIT_ITEMS_FAILED)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _print_summary(res) -> None:
@@ -92,7 +110,7 @@ def _print_summary(res) -> None:
     t = Table(title=f"featstore extract -> {res.path}")
     for col in ("items", "ok", "failed", "audio s", "wall s", "audio s/s", "clips/s", "padded frames"):
         t.add_column(col, justify="right")
-    processed = res.ok if not res.resumed else res.items
+    processed = res.processed
     t.add_row(
         str(res.items), str(res.ok), str(len(res.failures)), f"{res.audio_seconds:.1f}", f"{res.wall_seconds:.1f}",
         f"{res.audio_seconds / max(res.wall_seconds, 1e-9):.2f}", f"{processed / max(res.wall_seconds, 1e-9):.1f}",
@@ -169,12 +187,13 @@ def merge(
 ) -> None:
     """Join shard stores into one store, item for item equal to a single run."""
     from featstore.merge import MergeError, merge_shards
+    from featstore.writelock import LockBusy
 
     if out.exists():
         fail(f"{out} exists; remove it first")
     try:
         path = merge_shards(shards, out)
-    except (MergeError, FileNotFoundError, ValueError) as exc:
+    except (MergeError, FileNotFoundError, ValueError, LockBusy) as exc:
         fail(str(exc))
     Console().print(f"[green]merged {len(shards)} shards -> {path}[/]")
 

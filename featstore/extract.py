@@ -1,14 +1,21 @@
 """Extraction: manifest -> audio -> length-aware batches -> encoder -> HDF5 store.
 
-Resumable: the store is written batch by batch to ``<out>.partial`` under a deterministic batch
-plan; running the same command again skips the batches already committed, so the result equals an
-uninterrupted run. Bad input becomes a per-item status and never stops the run.
+Crash-safe and resumable: the batch plan is fixed when a run starts and recorded in its batch
+directory ``<out>.partial/``; every batch is committed atomically as its own file
+(:class:`featstore.store.StoreWriter`), so after a kill at any instant running the same command
+again redoes at most the batch that was in flight and gives a store equal to an uninterrupted run,
+bit for bit. SIGTERM stops at the next batch boundary. A finished store is reused only when its
+identity (encoder, manifest content, settings) equals the run's. One writer per store
+(:class:`featstore.writelock.WriterLock`). Bad input becomes a per-item status and never stops
+the run.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import re
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,11 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from rich.markup import escape
 
 from featstore.audio import AudioError, Clip, load_audio, probe_duration
 from featstore.encoders.base import Encoder
-from featstore.manifest import Manifest, Row, read_manifest
-from featstore.store import OK, StoreWriter, partial_path
+from featstore.manifest import Manifest, Row, check_column_names, read_manifest
+from featstore.store import (FORMAT_VERSION, OK, PartialDamaged, StoreMismatch, StoreWriter, describe_diff,
+                             discard_partial, identity_diff, open_store, partial_path, read_partial_attrs)
+from featstore.writelock import WriterLock
 
 DEFAULT_CACHE = Path("cache")
 
@@ -42,6 +52,10 @@ class ExtractResult:
     resumed: bool = False
     already_done: bool = False
     interrupted: bool = False
+    #: what stopped an interrupted run: "interrupt" (Ctrl-C) or "SIGTERM"
+    stopped_by: str = ""
+    #: items encoded by this call (a resumed run skips the committed ones)
+    processed: int = 0
 
     @property
     def padded_fraction(self) -> float:
@@ -208,6 +222,73 @@ def encode_with_backoff(encoder: Encoder, clips: list[np.ndarray], on_split: Cal
         return encode_with_backoff(encoder, clips[:mid], on_split) + encode_with_backoff(encoder, clips[mid:], on_split)
 
 
+class _Stopped(Exception):
+    """SIGTERM was received; the run stops at a batch boundary."""
+
+
+class _StopSignal:
+    """While active (main thread only), SIGTERM sets :attr:`signum` instead of killing the
+    process, so the batch loop stops cleanly after the batch in flight; the old handler is
+    restored afterwards."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: Any = None
+
+    def __enter__(self) -> "_StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except (ValueError, OSError):
+                self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+#: where each encoder option applies (for the error when it is given to another encoder)
+_OPTION_SCOPE = {
+    "context_seconds": ("--context-seconds", "Whisper encoders"),
+    "amp": ("--amp", "wav2vec2-family SSL models (wav2vec2, HuBERT, WavLM, data2vec-audio)"),
+}
+
+
+def _load_encoder(model: str, device: str, options: dict[str, Any]) -> Encoder:
+    """``load_encoder`` with an option that this kind of encoder does not take named as such."""
+    from featstore.encoders.registry import load_encoder
+
+    try:
+        return load_encoder(model, device=device, **options)
+    except TypeError as exc:
+        m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(exc))
+        if not m or m.group(2) not in options:
+            raise
+        flag, scope = _OPTION_SCOPE.get(m.group(2), (f"--{m.group(2).replace('_', '-')}", "other encoders"))
+        raise ValueError(f"{flag} does not apply to model {model!r} (loaded as {m.group(1)}); it is for {scope} only") from None
+
+
+def run_identity(encoder: Encoder, man: Manifest, *, dtype: str, layer_ids: Sequence[int], crop_to_segment: bool,
+                 shard: tuple[int, int] | None, rows_idx: Sequence[int]) -> dict[str, Any]:
+    """What a store must match to be reused for (or resumed by) this run."""
+    return {
+        **encoder.describe(),
+        "manifest_sha256": man.sha256,
+        "dtype": dtype,
+        "layer_ids": list(layer_ids),
+        "crop_to_segment": bool(crop_to_segment),
+        "shard": f"{shard[0]}/{shard[1]}" if shard else "",
+        "shard_rows": list(rows_idx) if shard else [],
+        "group_column": man.group_column or "",
+        "amp": getattr(encoder, "amp", None) or "fp32",
+        "format_version": FORMAT_VERSION,
+    }
+
+
 def extract(
     manifest: str | Path | Manifest,
     model: str | Encoder,
@@ -223,6 +304,7 @@ def extract(
     textgrid_labels: Sequence[str] | None = None,
     shard: str | tuple[int, int] | None = None,
     overwrite: bool = False,
+    rebuild_stale: bool = False,
     audit_clips: int = 8,
     encoder_options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -234,90 +316,223 @@ def extract(
     ``model``: an alias (``wavlm-base-plus``), hub id, model directory, front-end name
     (``logmel``/``mfcc``/``spectral``) or a ready :class:`Encoder`. Returns an
     :class:`ExtractResult`; per-item problems are listed there and in the store's ``items/``.
-    ``on_batch(i)`` is called after batch ``i`` is committed (a hook for progress or tests).
+
+    An existing store is reused (``already_done``) only when its identity equals this run's;
+    otherwise :class:`StoreMismatch` names the differing fields, unless ``overwrite`` (always
+    rebuild) or ``rebuild_stale`` (rebuild when different): the new store is built aside and
+    replaces the old one only when complete. An unfinished run of the same command is resumed.
+    ``on_batch(i)`` is called after the i-th batch of this call is committed (progress, tests).
     """
     from rich.console import Console
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    man = manifest if isinstance(manifest, Manifest) else read_manifest(
-        manifest, group_column, textgrid_tier, list(textgrid_labels) if textgrid_labels else None)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    if isinstance(manifest, Manifest):
+        man = manifest
+        check_column_names(list(man.extra_columns), man.source)
+    else:
+        man = read_manifest(manifest, group_column, textgrid_tier, list(textgrid_labels) if textgrid_labels else None)
     shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
     rows_idx = shard_rows(len(man.rows), shard_t)
     rows = [man.rows[i] for i in rows_idx]
-    if isinstance(model, Encoder):
-        encoder = model
-    else:
-        from featstore.encoders.registry import load_encoder
-
-        encoder = load_encoder(model, device=device, **(encoder_options or {}))
-    layer_ids = parse_layers(layers, encoder.num_layers)
-    out = Path(out) if out else default_out(encoder.name if isinstance(model, Encoder) else str(model), man.source, shard_t)
-    if out.exists() and not overwrite:
-        return ExtractResult(out, len(rows), -1, already_done=True)
-    if out.exists():
-        out.unlink()
-
-    identity = {
-        **encoder.describe(),
-        "manifest_sha256": man.sha256,
-        "dtype": dtype,
-        "layer_ids": layer_ids,
-        "crop_to_segment": bool(crop_to_segment),
-        "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else "",
-        "shard_rows": rows_idx if shard_t else [],
-        "group_column": man.group_column or "",
-    }
-    resumed = partial_path(out).exists()
-    if resumed:
-        writer = StoreWriter.resume(out, {k: v for k, v in identity.items() if k not in ("created_at",)})
-    else:
-        init = []
-        for r in rows:
-            d = {"id": r.id, "path": r.path, "label": r.label, "group": r.group, **r.extra}
-            init.append(d)
-        attrs = {**identity, "manifest": str(man.source), "created_at": datetime.now(timezone.utc).isoformat(),
-                 "versions": _versions(), "padding_audit": {}, "batch_seconds": float(batch_seconds)}
-        writer = StoreWriter.create(out, init, attrs, [encoder.layer_dims[k] for k in layer_ids], dtype, man.extra_columns,
-                                    layer_ids=layer_ids)
-        # rows rejected by manifest validation are committed at once
-        bad = [(j, {"status": r.status, "error": r.error}, None) for j, r in enumerate(rows) if r.status]
-        if bad:
-            writer.write_items(bad)
-
-    result = ExtractResult(out, len(rows), 0, resumed=resumed)
-    loader = _Loader(encoder, crop_to_segment)
-    try:
-        pending = set(int(i) for i in writer.pending_rows())
-        if not resumed and audit_clips > 0:
-            _audit(writer, encoder, loader, [rows[j] for j in sorted(pending)], audit_clips)
-        lengths = []
-        for r in rows:
-            dur = probe_duration(r.path) if not r.status else None
-            if dur is not None and crop_to_segment and r.start is not None:
-                dur = max(0.0, min(dur, r.end) - r.start)
-            lengths.append(int(round((dur or 0.0) * encoder.sample_rate)))
-        batches = [b for b in plan_batches(lengths, batch_seconds, encoder.sample_rate, frames_of=encoder.num_frames) if any(j in pending for j in b)]
-        total_audio = sum(lengths[j] for b in batches for j in b if j in pending) / encoder.sample_rate
-        _run_batches(writer, encoder, loader, rows, batches, pending, layer_ids, result, progress, console, total_audio, on_batch)
-    except KeyboardInterrupt:
-        writer.close()
-        result.interrupted = True
-        result.wall_seconds = time.perf_counter() - t0
-        return result
-    except BaseException:
-        writer.close()
-        raise
-    stats = getattr(encoder, "stats", {})
-    writer.set_attrs(extraction_stats={"frames": result.frames, "padded_frames": result.padded_frames,
-                                       "wall_seconds": round(time.perf_counter() - t0, 3), **stats})
-    _collect(writer, result)
-    writer.finalize()
+    name = model.name if isinstance(model, Encoder) else str(model)
+    out = Path(out) if out else default_out(name, man.source, shard_t)
+    with WriterLock(out, "featstore extract") as lock:
+        if lock.note:
+            _note(console, lock.note)
+        encoder = model if isinstance(model, Encoder) else _load_encoder(model, device, dict(encoder_options or {}))
+        layer_ids = parse_layers(layers, encoder.num_layers)
+        identity = run_identity(encoder, man, dtype=dtype, layer_ids=layer_ids, crop_to_segment=crop_to_segment,
+                                shard=shard_t, rows_idx=rows_idx)
+        if out.exists():
+            fields = _finished_diff(out, identity)
+            if not fields and not overwrite:
+                _drop_leftover(out, identity)
+                return _finished_result(out, already_done=True)
+            if fields and not (overwrite or rebuild_stale):
+                what = (f"exists but {fields[0][1]}" if fields[0][0] == "store" else
+                        f"was built with other inputs or settings — {describe_diff(fields, 'the store')}")
+                raise StoreMismatch(f"{out} {what}; rebuild it with --overwrite (the new store replaces it only once "
+                                    "complete) or write to another --out", fields)
+            if fields and not overwrite:
+                _note(console, f"{out} is out of date ({describe_diff(fields, 'the store')}): rebuilding it; it is "
+                      "replaced when the new one is complete")
+        writer, resumed = _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds,
+                                    crop_to_segment, overwrite or rebuild_stale, console)
+        result = ExtractResult(out, len(rows), 0, resumed=resumed)
+        loader = _Loader(encoder, crop_to_segment)
+        stop = _StopSignal()
+        try:
+            with stop, _SameThreads(writer):
+                bad = [(j, {"status": r.status, "error": r.error}, None) for j, r in enumerate(rows) if r.status]
+                if bad and not writer.committed(0):  # rows rejected by manifest validation: batch 0
+                    writer.write_items(bad, key=0)
+                if audit_clips > 0 and "padding_audit" not in writer.extra_attrs:
+                    _audit(writer, encoder, loader, rows, audit_clips)
+                for attempt in (0, 1):
+                    _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch,
+                                 stop, lock)
+                    writer.set_attrs(extraction_stats=_stats(writer, time.perf_counter() - t0, resumed))
+                    try:
+                        writer.finalize()
+                        break
+                    except PartialDamaged as exc:
+                        if attempt:
+                            raise
+                        _note(console, f"{exc} — redoing it now")
+        except (KeyboardInterrupt, _Stopped):
+            result.interrupted = True
+            result.stopped_by = "SIGTERM" if stop.signum is not None else "interrupt"
+            result.wall_seconds = time.perf_counter() - t0
+            return result
+    done = _finished_result(out)
+    result.ok, result.failures, result.notes, result.items = done.ok, done.failures, done.notes, done.items
     result.wall_seconds = time.perf_counter() - t0
     return result
 
 
-def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: list[Row], n: int) -> None:
+def _note(console: Any, message: str) -> None:
+    """One yellow ``note:`` line (the message is printed as it is, not as markup)."""
+    console.print(f"[yellow]note:[/] {escape(message)}")
+
+
+def _finished_diff(out: Path, identity: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    try:
+        with open_store(out) as store:
+            have = dict(store.h5.attrs)
+    except (OSError, ValueError) as exc:
+        return [("store", f"cannot be read: {exc}", None)]
+    return identity_diff(have, identity)
+
+
+def _drop_leftover(out: Path, identity: dict[str, Any]) -> None:
+    """A finished store's batch directory left behind by a kill during its clean-up."""
+    if partial_path(out).is_dir():
+        attrs = read_partial_attrs(out)
+        if attrs is None or not identity_diff(attrs, identity):
+            discard_partial(out)
+
+
+def _finished_result(out: Path, already_done: bool = False) -> ExtractResult:
+    with open_store(out) as store:
+        ids, status, error, note = (store.column(c) for c in ("id", "status", "error", "note"))
+    return ExtractResult(
+        out, len(ids), int(sum(s == OK for s in status)),
+        failures=[(i, s, e) for i, s, e in zip(ids, status, error) if s != OK],
+        notes=[(i, n) for i, n, s in zip(ids, note, status) if n and s == OK],
+        already_done=already_done,
+    )
+
+
+def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds, crop, discard_other, console):
+    """Resume the unfinished run of ``out`` or start one; returns ``(writer, resumed)``."""
+    pp = partial_path(out)
+    damaged = None
+    if pp.exists() or pp.is_symlink():
+        try:
+            writer = StoreWriter.resume(out, expect=identity)
+        except StoreMismatch as exc:
+            if not discard_other:
+                raise
+            _note(console, f"discarded the unfinished run in {pp}: it was started with other settings "
+                           f"({describe_diff(exc.fields, 'there')})")
+        except PartialDamaged as exc:
+            damaged = str(exc)
+        else:
+            console.print(escape(_resume_line(writer, rows, batch_seconds)))
+            return writer, True
+    lengths = []
+    for r in rows:
+        dur = probe_duration(r.path) if not r.status else None
+        if dur is not None and crop and r.start is not None:
+            dur = max(0.0, min(dur, r.end) - r.start)
+        lengths.append(int(round((dur or 0.0) * encoder.sample_rate)))
+    plan = plan_batches(lengths, batch_seconds, encoder.sample_rate, frames_of=encoder.num_frames)
+    init = [{"id": r.id, "path": r.path, "label": r.label, "group": r.group, **r.extra} for r in rows]
+    attrs = {**identity, "manifest": str(man.source), "created_at": datetime.now(timezone.utc).isoformat(),
+             "versions": _versions(), "padding_audit": {}, "batch_seconds": float(batch_seconds)}
+    writer = StoreWriter.create(out, init, attrs, [encoder.layer_dims[k] for k in layer_ids], dtype, man.extra_columns,
+                                layer_ids=layer_ids, plan=plan, settings=_run_settings(),
+                                salvage=damaged is not None)
+    if damaged is None:
+        return writer, False
+    kept = len(writer.batches)
+    if kept:
+        _note(console, f"{damaged}: kept the {kept} committed batch(es) that belong to this run, the rest is redone"
+              + (f" ({len(writer.dropped)} other or damaged batch file(s) deleted)" if writer.dropped else ""))
+    else:
+        _note(console, f"{damaged}: nothing could be kept, starting over")
+    return writer, kept > 0
+
+
+def _run_settings() -> dict[str, Any]:
+    """Settings a resumed run must reuse to give the same bits: the CPU thread count (float sums
+    are split differently across threads: 1 vs 2 threads move base-size WavLM frames by ~3e-5)."""
+    import torch
+
+    return {"torch_threads": int(torch.get_num_threads())}
+
+
+class _SameThreads:
+    """Run with the thread count recorded by the run that started the store; restored after."""
+
+    def __init__(self, writer: StoreWriter):
+        self.want = writer.settings.get("torch_threads")
+        self.before: int | None = None
+
+    def __enter__(self) -> "_SameThreads":
+        import torch
+
+        if self.want and int(self.want) != torch.get_num_threads():
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(int(self.want))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
+
+
+def _expected_keys(writer: StoreWriter, rows: Sequence[Row]) -> list[int]:
+    keys = [0] if any(r.status for r in rows) else []
+    return keys + [bi + 1 for bi, b in enumerate(writer.plan or []) if any(not rows[j].status for j in b)]
+
+
+def _resume_line(writer: StoreWriter, rows: Sequence[Row], batch_seconds: float) -> str:
+    keys = _expected_keys(writer, rows)
+    done = sum(writer.committed(k) for k in keys)
+    line = f"resuming {writer.dir}: {done} of {len(keys)} batches already committed"
+    if writer.dropped:
+        name, why = writer.dropped[0]
+        line += (f"; {len(writer.dropped)} damaged batch file(s) deleted and redone ({name}: {why}"
+                 + (", ..." if len(writer.dropped) > 1 else "") + ")")
+    if writer.attrs_damaged:
+        line += f"; its attrs.json was damaged ({writer.attrs_damaged}) and is rebuilt"
+    recorded = writer.attrs.get("batch_seconds")
+    if recorded is not None and float(recorded) != float(batch_seconds):
+        line += f"; keeping the first run's batch plan (--batch-seconds {float(recorded):g})"
+    threads = writer.settings.get("torch_threads")
+    if threads and int(threads) != _run_settings()["torch_threads"]:
+        line += f"; using the first run's {int(threads)} torch thread(s) (this process has {_run_settings()['torch_threads']})"
+    return line
+
+
+def _stats(writer: StoreWriter, wall: float, resumed: bool) -> dict[str, Any]:
+    """Extraction statistics: frames and padded frames summed over every committed batch (whichever
+    run committed it), the number of batch commits, and the wall time of the call that finished."""
+    frames = padded = 0
+    for b in writer.batches.values():
+        frames += int(b.header["stats"].get("frames", 0))
+        padded += int(b.header["stats"].get("padded_frames", 0))
+    return {"frames": frames, "padded_frames": padded, "batches": len(writer.batches),
+            "wall_seconds": round(wall, 3), "resumed": bool(resumed)}
+
+
+def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequence[Row], n: int) -> None:
     clips = []
     for r in rows:
         if len(clips) >= n:
@@ -331,38 +546,71 @@ def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: list[Ro
     writer.set_attrs(padding_audit=audit)
 
 
-def _run_batches(writer, encoder, loader, rows, batches, pending, layer_ids, result, progress, console, total_audio, on_batch):
+def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch, stop, lock):
+    """Encode and commit every planned batch that is not committed yet, in plan order."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    todo = [(bi, [j for j in b if not rows[j].status]) for bi, b in enumerate(writer.plan or [])]
+    todo = [(bi, js) for bi, js in todo if js and not writer.committed(bi + 1)]
+    if not todo:
+        return
     columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    n_items = sum(1 for b in batches for j in b if j in pending)
+    n_items = sum(len(js) for _, js in todo)
     t_start = time.perf_counter()
     done_audio = 0.0
     pool = ThreadPoolExecutor(max_workers=2)
 
-    def decode(batch):
-        todo = [j for j in batch if j in pending]
-        return todo, list(pool.map(loader, [rows[j] for j in todo]))
+    def decode(js):
+        return list(pool.map(loader, [rows[j] for j in js]))
 
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        task = bar.add_task("extract", total=n_items, rate="")
-        future = pool.submit(decode, batches[0]) if batches else None
-        for bi in range(len(batches)):
-            todo, clips = future.result()
-            future = pool.submit(decode, batches[bi + 1]) if bi + 1 < len(batches) else None
-            entries = _encode_batch(encoder, rows, todo, clips, layer_ids, result, loader.crop)
-            writer.write_items(entries)
-            done_audio += sum(len(c.samples) for c in clips if isinstance(c, Clip)) / encoder.sample_rate
-            el = max(time.perf_counter() - t_start, 1e-9)
-            bar.update(task, advance=len(todo), rate=f"{bar.tasks[0].completed / el:.1f} clips/s  {done_audio / el:.2f} audio s/s")
-            if on_batch:
-                on_batch(bi)
-    pool.shutdown(wait=False, cancel_futures=True)
-    result.audio_seconds += done_audio
+    try:
+        with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+            task = bar.add_task("extract", total=n_items, rate="")
+            future = pool.submit(decode, todo[0][1])
+            for n, (bi, js) in enumerate(todo):
+                if stop.signum is not None:  # SIGTERM before this batch started (e.g. during the audit)
+                    raise _Stopped
+                clips = future.result()
+                future = pool.submit(decode, todo[n + 1][1]) if n + 1 < len(todo) else None
+                stats = getattr(encoder, "stats", None) or {}
+                padded_before = int(stats.get("padded_frames", 0))
+                entries = _encode_batch(encoder, rows, js, clips, layer_ids, result, loader.crop, writer.dtype)
+                frames = sum(0 if f is None else int(f[0].shape[0]) for _, _, f in entries)
+                padded = int((getattr(encoder, "stats", None) or {}).get("padded_frames", 0)) - padded_before
+                writer.write_items(entries, key=bi + 1, stats={"frames": frames, "padded_frames": padded})
+                lock.heartbeat()
+                result.processed += len(js)
+                done_audio += sum(len(c.samples) for c in clips if isinstance(c, Clip)) / encoder.sample_rate
+                el = max(time.perf_counter() - t_start, 1e-9)
+                bar.update(task, advance=len(js), rate=f"{bar.tasks[0].completed / el:.1f} clips/s  {done_audio / el:.2f} audio s/s")
+                if on_batch:
+                    on_batch(n)
+                if stop.signum is not None:
+                    raise _Stopped
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        result.audio_seconds += done_audio
 
 
-def _encode_batch(encoder, rows, todo, clips, layer_ids, result, crop: bool) -> list[tuple[int, dict, list | None]]:
+def _nonfinite_message(raw: list[np.ndarray], stored: list[np.ndarray], layer_ids: Sequence[int], dtype: np.dtype,
+                       amp: str | None) -> str | None:
+    """Why an item's frames cannot be stored (NaN/inf from the encoder or a float16 overflow), or ``None``."""
+    bad = [k for k, f in zip(layer_ids, stored) if not np.isfinite(f).all()]
+    if not bad:
+        return None
+    where = f"layer{'s' if len(bad) > 1 else ''} {', '.join(str(k) for k in bad)}"
+    raw_bad = [f for k, f in zip(layer_ids, raw) if k in bad and not np.isfinite(f).all()]
+    if not raw_bad:
+        peak = max(float(np.abs(f).max()) for k, f in zip(layer_ids, raw) if k in bad)
+        return (f"frames overflow {dtype} in {where} (|values| up to {peak:.3g}, above {float(np.finfo(dtype).max):.0f}); "
+                "use --dtype float32")
+    count = sum(int((~np.isfinite(f)).sum()) for f in raw_bad)
+    hint = " (--amp fp16 can overflow: try --amp bf16 or fp32)" if amp == "fp16" else ""
+    return f"the encoder returned {count} NaN/inf values in {where}{hint}"
+
+
+def _encode_batch(encoder, rows, todo, clips, layer_ids, result, crop: bool, dtype: np.dtype = np.dtype("float32")):
     entries: list[tuple[int, dict, list | None]] = []
     good = [(j, c) for j, c in zip(todo, clips) if isinstance(c, Clip)]
     for j, c in zip(todo, clips):
@@ -379,13 +627,20 @@ def _encode_batch(encoder, rows, todo, clips, layer_ids, result, crop: bool) -> 
                     outputs.append(encoder.encode([c.samples])[0])
                 except Exception as exc:  # noqa: BLE001
                     outputs.append(exc)
+    amp = getattr(encoder, "amp", None)
     for (j, clip), out in zip(good, outputs):
         row = rows[j]
         fields = {"num_samples": len(clip.samples), "sha256": clip.sha256, "rms_db": clip.rms_db, "note": clip.note}
         if isinstance(out, Exception):
             entries.append((j, {**fields, "status": "encode_error", "error": f"{type(out).__name__}: {out}"}, None))
             continue
-        frames = [out[k] for k in layer_ids]
+        raw = [np.asarray(out[k]) for k in layer_ids]
+        with np.errstate(over="ignore"):  # a float16 overflow is reported just below
+            frames = [np.ascontiguousarray(f, dtype=dtype) for f in raw]
+        problem = _nonfinite_message(raw, frames, layer_ids, np.dtype(dtype), amp)
+        if problem:
+            entries.append((j, {**fields, "status": "nonfinite", "error": problem}, None))
+            continue
         n = frames[0].shape[0]
         if row.start is not None and not crop:
             a, b = segment_frames(encoder, n, row.start, row.end)
@@ -400,19 +655,19 @@ def _encode_batch(encoder, rows, todo, clips, layer_ids, result, crop: bool) -> 
     return entries
 
 
-def _collect(writer: StoreWriter, result: ExtractResult) -> None:
-    items = writer.h5["items"]
-    dec = lambda a: [v.decode() if isinstance(v, bytes) else str(v) for v in a]  # noqa: E731
-    ids, status, error, note = (dec(items[c][:]) for c in ("id", "status", "error", "note"))
-    result.ok = sum(s == OK for s in status)
-    result.failures = [(i, s, e) for i, s, e in zip(ids, status, error) if s != OK]
-    result.notes = [(i, n) for i, n, s in zip(ids, note, status) if n and s == OK]
-    result.items = len(ids)
-
-
 def extract_for_predict(manifest: str | Path, model: str, out: str | Path | None = None, **options: Any) -> Path:
-    """Extract a manifest of new clips for ``probes predict`` (into ``cache/predict/`` by default)."""
+    """Extract a manifest of new clips for ``probes predict`` (into ``cache/predict/`` by default).
+
+    The cache is named after the model, the manifest's stem and a hash of its location, and it is
+    reused only when its identity (encoder, manifest content, settings) equals this call's;
+    otherwise it is rebuilt (aside, then swapped in), never reused stale.
+    """
     if out is None:
-        out = DEFAULT_CACHE / "predict" / default_out(model, manifest).name
+        where = hashlib.sha256(str(Path(manifest).resolve()).encode()).hexdigest()[:8]
+        base = default_out(model, manifest)
+        out = DEFAULT_CACHE / "predict" / f"{base.stem}.{where}{base.suffix}"
+    options.setdefault("rebuild_stale", True)
     res = extract(manifest, model, out, **options)
+    if res.interrupted:
+        raise KeyboardInterrupt
     return res.path

@@ -76,7 +76,7 @@ def write_fake_store(
         "padding_audit": {}, "created_at": datetime.now(timezone.utc).isoformat(),
         "versions": json.dumps({"featstore": "fake"}),
     }
-    writer = StoreWriter.create(path, rows, attrs, [dim] * num_layers, extra_columns=["sex"])
+    writer = StoreWriter.create(path, rows, attrs, [dim] * num_layers, extra_columns=["sex"], durable=False)
     batch = 64
     for b in range(0, len(rows), batch):
         writer.write_items([(i, {}, frames[i]) for i in range(b, min(len(rows), b + batch))])

@@ -12,9 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featstore.store import ITEM_COLUMNS
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au")
 #: columns with a meaning of their own; every other column is kept as an extra ``items/`` column
 KNOWN_COLUMNS = ("id", "path", "label", "start", "end")
+#: ``items/`` columns the store fills itself: a manifest column of one of these names would
+#: collide with them (``group`` is allowed as the group column: ``--group-column group``)
+RESERVED_COLUMNS = tuple(c for c in ITEM_COLUMNS if c not in ("id", "path", "label"))
 
 
 class ManifestError(ValueError):
@@ -77,6 +82,7 @@ def read_manifest(
         rows, extra, digest, gcol = _read_table(source, group_column)
     else:
         raise ManifestError(f"manifest not found: {source}")
+    check_column_names(extra, source, generated=("segment_label",) if textgrid_tier else ())
     if textgrid_tier:
         rows = _expand_textgrids(rows, textgrid_tier, textgrid_labels)
         extra = extra + ["segment_label"]
@@ -85,6 +91,33 @@ def read_manifest(
     if not rows:
         raise ManifestError(f"{source} lists no clips")
     return Manifest(rows, extra, digest, str(source), gcol)
+
+
+def check_column_names(extra: list[str], source: str | Path, generated: tuple[str, ...] = ()) -> None:
+    """Refuse extra manifest columns the store cannot keep under their own name: the store's own
+    ``items/`` columns (:data:`RESERVED_COLUMNS`), columns added by an option (``generated``),
+    empty names, names with ``/``, and names given twice. One error names them all."""
+    problems = []
+    clash = [c for c in extra if c in RESERVED_COLUMNS]
+    if clash:
+        names = ", ".join(repr(c) for c in clash)
+        problems.append(
+            f"column{'s' if len(clash) > 1 else ''} {names} {'are' if len(clash) > 1 else 'is'} reserved: the store "
+            f"fills items/{clash[0]}{' etc.' if len(clash) > 1 else ''} itself; rename "
+            f"{'them' if len(clash) > 1 else 'it'} in the manifest (e.g. {clash[0]!r} -> 'manifest_{clash[0]}')"
+            + (" or name the speaker column with --group-column group" if "group" in clash else ""))
+    added = [c for c in extra if c in generated]
+    if added:
+        problems.append(f"column {added[0]!r} is added by --textgrid-tier; rename the manifest's column")
+    dup = sorted({c for c in extra if extra.count(c) > 1})
+    if dup:
+        problems.append(f"column{'s' if len(dup) > 1 else ''} {', '.join(repr(c) for c in dup)} appear twice in the header")
+    odd = [c for c in extra if not c.strip() or "/" in c]
+    if odd:
+        problems.append(f"column name{'s' if len(odd) > 1 else ''} {', '.join(repr(c) for c in odd)} cannot be stored "
+                        "(empty, or containing '/')")
+    if problems:
+        raise ManifestError(f"{source}: " + "; ".join(problems))
 
 
 def _read_table(path: Path, group_column: str) -> tuple[list[Row], list[str], str, str | None]:

@@ -8,10 +8,12 @@ from typing import Sequence
 import numpy as np
 
 from featstore.store import ITEM_COLUMNS, StoreWriter, open_store
+from featstore.writelock import WriterLock
 
 #: attributes every shard of one extraction shares
 IDENTITY = ("encoder", "encoder_revision", "encoder_config", "manifest_sha256", "dtype", "layer_ids",
-            "crop_to_segment", "sample_rate", "frame_stride_samples", "group_column")
+            "crop_to_segment", "sample_rate", "frame_stride_samples", "group_column", "amp",
+            "whisper_window_mode", "whisper_window_seconds", "whisper_context_seconds")
 
 
 class MergeError(ValueError):
@@ -21,10 +23,17 @@ class MergeError(ValueError):
 def merge_shards(shards: Sequence[str | Path], out: str | Path, chunk_items: int = 256) -> Path:
     """Merge shard files into ``out``; items in manifest order, equal to a single-run store.
 
-    Refuses shards of different models/configs/manifests, duplicates, and incomplete sets.
+    Refuses shards of different models/configs/manifests, duplicates, and incomplete sets. The
+    merged file is built aside and moved into place only when complete; one merge at a time.
     """
-    stores = [open_store(p) for p in shards]
+    with WriterLock(out, "featstore merge"):
+        return _merge(shards, Path(out), chunk_items)
+
+
+def _merge(shards: Sequence[str | Path], out: Path, chunk_items: int) -> Path:
+    stores = []
     try:
+        stores += [open_store(p) for p in shards]
         first = stores[0].attrs
         specs = []
         for s in stores:
@@ -54,7 +63,8 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, chunk_items: int
         attrs["shard"], attrs["shard_rows"] = "", "[]"
         layer_ids = stores[0].layer_ids
         dims = [stores[0].layer_dim(k) for k in layer_ids]
-        writer = StoreWriter.create(out, row_dicts, attrs, dims, str(first["dtype"]), extra, layer_ids=layer_ids)
+        writer = StoreWriter.create(out, row_dicts, attrs, dims, str(first["dtype"]), extra, layer_ids=layer_ids,
+                                    durable=False)
         where = {(si, i): j for j, (_, si, i) in enumerate(placed)}
         for si, s in enumerate(stores):
             t = tables[si]

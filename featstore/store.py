@@ -1,4 +1,4 @@
-"""The on-disk HDF5 store (layout ``format_version`` 1) — writer and lazy reader.
+"""The on-disk HDF5 store (layout ``format_version`` 1) — crash-safe writer and lazy reader.
 
 Layout (documented in README.md, "The HDF5 layout"):
 
@@ -10,15 +10,35 @@ Layout (documented in README.md, "The HDF5 layout"):
   into finished stores by older versions; nothing writes it any more (caches live beside the store,
   see ``probes.cache``), and readers ignore it (it carries no code or library version).
 
+Writing is crash-safe. A store is built in a batch directory ``<path>.partial/`` that is never an
+HDF5 file, so a kill at any instant cannot leave a half-updated HDF5 structure behind:
+
+* ``run.json`` — the run record (rows, attributes, layer widths, dtype, batch plan), with a
+  sha256 of its body, written once to a temporary name, fsynced and renamed;
+* ``attrs.json`` — attributes set later (e.g. the padding audit), replaced the same way;
+* ``bNNNNNNNN.batch`` — one committed batch each: every layer's frames of its rows as one block
+  per layer (sha256 per block) and the rows' fields, written to a temporary name, fsynced and
+  atomically renamed. A batch is committed exactly when its file exists under its final name;
+* finishing builds the HDF5 file inside the directory with one sequential write per layer and
+  batch (no per-item HDF5 writes), fsyncs it, moves it to ``<path>`` with ``os.replace`` (atomic)
+  and removes the directory.
+
+On resume every batch file is verified (size, header checksum, run, rows, block checksums); a
+damaged one is deleted and its batch redone, a temporary file of an interrupted commit is removed.
+
 This module knows nothing about models: it stores arrays and strings.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import signal
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -34,7 +54,7 @@ ITEM_COLUMNS: dict[str, str] = {
     "segment_start_frame": "i", "segment_end_frame": "i",
     "sha256": "s", "rms_db": "f", "status": "s", "error": "s", "note": "s",
 }
-#: status of a row that has not been processed yet (only ever seen in a ``.partial`` file)
+#: status of a row that has not been processed yet (only ever seen in an unfinished run)
 PENDING = "pending"
 OK = "ok"
 REQUIRED_ATTRS = (
@@ -42,6 +62,49 @@ REQUIRED_ATTRS = (
     "frame_stride_samples", "receptive_field_samples", "first_frame_center_samples", "num_layers",
     "dtype", "manifest_sha256", "created_at", "versions", "padding_exact", "padding_audit",
 )
+#: attributes that differ between two runs of the same command (not part of a run's identity)
+VOLATILE_ATTRS = ("created_at",)
+#: value of an identity attribute that a store written before it existed is taken to have
+IDENTITY_DEFAULTS: dict[str, Any] = {"amp": "fp32"}
+
+#: version of the batch-directory format
+PARTIAL_LAYOUT = 1
+_RUN, _ATTRS, _FINAL, _TMP = "run.json", "attrs.json", "final.h5", ".tmp-"
+_MAGIC = b"FSBATCH1"
+_TAIL = struct.Struct("<32sQ8s")  # sha256 of the header, header length, magic
+_ALIGN = 64
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection (tests): real kills at every step of the commit sequences
+# ---------------------------------------------------------------------------------------------
+#: ``FEATSTORE_FAULT_AT="batch:synced"`` (or ``"batch:synced:3"``, the 3rd time) makes this
+#: process SIGKILL itself when it reaches that step
+FAULT_ENV = "FEATSTORE_FAULT_AT"
+#: every step, in the order one batch commit, one record write and the finishing step pass them
+STEPS = (
+    "create:dir", "create:renamed",
+    "run:opened", "run:part", "run:synced", "run:renamed", "run:committed",
+    "attrs:opened", "attrs:part", "attrs:synced", "attrs:renamed", "attrs:committed",
+    "batch:opened", "batch:part", "batch:synced", "batch:renamed", "batch:committed",
+    "final:items", "final:layer", "final:built", "final:replaced", "final:cleaned",
+)
+#: in-process hook called with each step's name (tests may raise from it)
+fault_hook: Callable[[str], None] | None = None
+_fault_counts: dict[str, int] = {}
+
+
+def _step(name: str) -> None:
+    if fault_hook is not None:
+        fault_hook(name)
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want, _, nth = spec.rpartition(":") if spec.count(":") == 2 else (spec, "", "1")
+    if want != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def layer_name(k: int) -> str:
@@ -59,18 +122,227 @@ def _decode(values: np.ndarray) -> np.ndarray:
     return values
 
 
-class StoreWriter:
-    """Incremental writer of one store file.
+class StoreMismatch(RuntimeError):
+    """A store or unfinished run belongs to other inputs or settings than this run.
 
-    The file is built under ``<path>.partial`` and renamed to ``path`` by :meth:`finalize`, so a
-    finished store is never half-written under its final name. Rows are pre-allocated in manifest
-    order with status ``pending``; :meth:`write_items` appends the frames of finished items and then
-    commits their rows, so an interrupted run leaves a ``.partial`` file that :meth:`open` resumes.
+    ``fields`` lists ``(name, theirs, ours)`` for every differing identity field.
     """
 
-    def __init__(self, h5: h5py.File, path: Path):
-        self.h5 = h5
+    def __init__(self, message: str, fields: Sequence[tuple[str, Any, Any]] = ()):
+        super().__init__(message)
+        self.fields = list(fields)
+
+
+class PartialDamaged(RuntimeError):
+    """An unfinished run's record cannot be read (its batch files may still be salvaged)."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """The batch directory of an unfinished run of ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small durable-file helpers
+# ---------------------------------------------------------------------------------------------
+class _Enc(json.JSONEncoder):
+    """JSON with numpy scalars/arrays kept typed (attributes must come back as they went in)."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return {"__np__": o.dtype.str, "v": o.item()}
+        if isinstance(o, np.ndarray):
+            return {"__nparray__": o.dtype.str, "v": o.tolist()}
+        if isinstance(o, bytes):
+            return o.decode("utf-8", "replace")
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        return super().default(o)
+
+
+def _dec_hook(d: dict) -> Any:
+    if "__np__" in d and len(d) == 2:
+        return np.dtype(d["__np__"]).type(d["v"])
+    if "__nparray__" in d and len(d) == 2:
+        return np.asarray(d["v"], dtype=np.dtype(d["__nparray__"]))
+    return d
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, cls=_Enc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes) -> Any:
+    return json.loads(data.decode("utf-8"), object_hook=_dec_hook)
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, parts: Iterable[Any], prefix: str, durable: bool) -> None:
+    """Write ``parts`` to a temporary name, fsync, rename to ``path``, fsync the directory."""
+    tmp = path.with_name(f"{_TMP}{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _step(f"{prefix}:opened")
+        for part in parts:
+            _write_all(fd, part)
+            _step(f"{prefix}:part")
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    _step(f"{prefix}:synced")
+    os.replace(tmp, path)
+    _step(f"{prefix}:renamed")
+    if durable:
+        _fsync_dir(path.parent)
+    _step(f"{prefix}:committed")
+
+
+def _record_bytes(kind: str, obj: Any) -> bytes:
+    body = _dumps(obj)
+    return f"featstore-{kind} {PARTIAL_LAYOUT} {hashlib.sha256(body).hexdigest()}\n".encode() + body
+
+
+def _read_record(path: Path, kind: str) -> Any:
+    """Body of a checksummed record; ``ValueError`` naming what is wrong."""
+    data = path.read_bytes()
+    head, sep, body = data.partition(b"\n")
+    parts = head.decode("ascii", "replace").split(" ")
+    if not sep or len(parts) != 3 or parts[0] != f"featstore-{kind}":
+        raise ValueError("not a featstore run record" if data else "empty file")
+    if parts[1] != str(PARTIAL_LAYOUT):
+        raise ValueError(f"record layout {parts[1]}, this featstore writes {PARTIAL_LAYOUT}")
+    if hashlib.sha256(body).hexdigest() != parts[2]:
+        raise ValueError("checksum mismatch")
+    return _loads(body)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _pread(fd: int, offset: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise ValueError(f"file ends after {offset + got} bytes")
+        got += n
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity of a run or store
+# ---------------------------------------------------------------------------------------------
+def identity_diff(have: Mapping[str, Any], want: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(name, have, want)`` for every key of ``want`` whose value differs in ``have``
+    (attributes as stored; a key a store lacks counts as its :data:`IDENTITY_DEFAULTS` value)."""
+    out = []
+    for key, value in want.items():
+        w = _norm(_attr(value))
+        h = _norm(have[key]) if key in have else IDENTITY_DEFAULTS.get(key, None)
+        if h != w:
+            out.append((key, h, w))
+    return out
+
+
+def _compact(value: Any) -> Any:
+    """A JSON list of integers as ranges (``"[0, 1, 2, 6]"`` -> ``0-2,6``), anything else unchanged."""
+    if not (isinstance(value, str) and value.startswith("[")):
+        return value
+    try:
+        ints = json.loads(value)
+    except ValueError:
+        return value
+    if not ints or not all(isinstance(i, int) for i in ints):
+        return value
+    out, start = [], ints[0]
+    for a, b in zip(ints, ints[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def describe_diff(fields: Sequence[tuple[str, Any, Any]], theirs: str, ours: str = "this run") -> str:
+    """``layer_ids: the store [0, 1, 2], this run [0, 2]; manifest_sha256 (the manifest changed) ...``"""
+    parts = []
+    for key, h, w in fields:
+        h, w = _compact(h), _compact(w)
+        if key == "store":  # the file itself is unreadable
+            parts.append(str(h))
+        elif key == "manifest_sha256":
+            parts.append(f"manifest_sha256 (the manifest's content changed: {_short(h, 12)} vs {_short(w, 12)})")
+        elif h is None:
+            parts.append(f"{key} ({theirs} has none, {ours} {_short(w, 40)})")
+        elif str(h)[:1] in "[{" and (len(str(h)) > 40 or len(str(w)) > 40):
+            parts.append(f"{key} (differs)")
+        elif len(str(h)) > 40 or len(str(w)) > 40:  # paths, hashes: the end tells them apart
+            parts.append(f"{key}: {theirs} ...{str(h)[-37:]}, {ours} ...{str(w)[-37:]}")
+        else:
+            parts.append(f"{key}: {theirs} {_short(h) or chr(39) * 2}, {ours} {_short(w) or chr(39) * 2}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Batch:
+    key: int
+    path: Path
+    header: dict
+
+
+class StoreWriter:
+    """Crash-safe incremental writer of one store (see the module docstring for the mechanism).
+
+    ``create`` starts a run (one pending row per manifest row), ``resume`` reopens an unfinished
+    one, :meth:`write_items` commits one batch atomically, :meth:`finalize` builds the HDF5 file
+    and moves it into place. ``durable=False`` skips the per-batch fsyncs (for stores that are
+    rebuilt from scratch anyway: merges, fakes); the finished file is always fsynced.
+    """
+
+    def __init__(self, path: Path, spec: dict, run_key: str, durable: bool):
         self.path = Path(path)
+        self.dir = partial_path(self.path)
+        self.spec = spec
+        self.run_key = run_key
+        self.durable = durable
+        self.extra_attrs: dict[str, Any] = {}
+        self.batches: dict[int, _Batch] = {}
+        #: batch files found damaged (and deleted) when the run was opened: ``(name, reason)``
+        self.dropped: list[tuple[str, str]] = []
+        #: ``attrs.json`` was unreadable and ignored (its reason), or ``None``
+        self.attrs_damaged: str | None = None
+        self._done: dict[int, int] = {}
+        self.dims = [int(d) for d in spec["layer_dims"]]
+        self.dtype = np.dtype(spec["dtype"])
 
     # -- creation / resume -------------------------------------------------------------------
     @classmethod
@@ -84,138 +356,400 @@ class StoreWriter:
         extra_columns: Sequence[str] = (),
         chunk_frames: int = 4096,
         layer_ids: Sequence[int] | None = None,
+        *,
+        plan: Sequence[Sequence[int]] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        durable: bool = True,
+        salvage: bool = False,
     ) -> "StoreWriter":
-        """Create ``<path>.partial`` with one pending row per manifest row.
+        """Start a run of ``path`` with one pending row per entry of ``rows``.
 
-        ``layer_ids`` names the stored layers (model layer indices, default ``0..L-1``).
+        ``layer_ids`` names the stored layers (model layer indices, default ``0..L-1``); ``plan``
+        (e.g. the batches) and ``settings`` (e.g. the thread count) are kept in the run record
+        for a resumed run to reuse; they are not attributes of the finished store. An existing
+        unfinished run is discarded, except with ``salvage=True``: its record is rewritten and its
+        batch files that belong to exactly this run (same rows, attributes, plan) are kept.
         """
-        layer_ids = list(range(len(layer_dims))) if layer_ids is None else list(layer_ids)
+        layer_ids = list(range(len(layer_dims))) if layer_ids is None else [int(k) for k in layer_ids]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = partial_path(path)
-        h5 = h5py.File(partial, "w")
-        for key, value in attrs.items():
-            h5.attrs[key] = _attr(value)
-        h5.attrs["format"] = FORMAT
-        h5.attrs["format_version"] = FORMAT_VERSION
-        h5.attrs["num_layers"] = len(layer_dims)
-        h5.attrs["dtype"] = dtype
-        h5.attrs["committed_frames"] = 0
-        n = len(rows)
-        items = h5.create_group("items")
-        for col, kind in ITEM_COLUMNS.items():
-            vals = [r.get(col, _default(kind)) for r in rows]
-            if col == "status":
-                vals = [PENDING] * n
-            _create_column(items, col, kind, vals)
-        for col in extra_columns:
-            _create_column(items, col, "s", [str(r.get(col, "") or "") for r in rows])
-        items.attrs["extra_columns"] = json.dumps(list(extra_columns))
-        layers = h5.create_group("layers")
-        for k, dim in zip(layer_ids, layer_dims):
-            layers.create_dataset(
-                layer_name(k), shape=(0, int(dim)), maxshape=(None, int(dim)), dtype=dtype,
-                chunks=(max(1, min(chunk_frames, max(1, 2**20 // (4 * int(dim))))), int(dim)),
-            )
-        h5.flush()
-        return cls(h5, path)
+        spec = {
+            "rows": [dict(r) for r in rows],
+            "attrs": {str(k): _attr(v) for k, v in attrs.items()},
+            "layer_dims": [int(d) for d in layer_dims],
+            "layer_ids": layer_ids,
+            "dtype": str(np.dtype(dtype)),
+            "extra_columns": [str(c) for c in extra_columns],
+            "chunk_frames": int(chunk_frames),
+            "plan": [[int(j) for j in b] for b in plan] if plan is not None else None,
+            "settings": dict(settings or {}),
+        }
+        # round-trip once so that the writer sees exactly what a resumed run will read
+        spec = _loads(_dumps(spec))
+        run_key = _run_key(spec)
+        record = _record_bytes("run", {"run": run_key, "spec": spec})
+        d = partial_path(path)
+        for stray in path.parent.glob(f"{d.name}{_TMP}*"):
+            _remove(stray)
+        if salvage and d.is_dir() and not d.is_symlink():
+            _atomic_write(d / _RUN, [record], "run", durable)
+            writer = cls(path, spec, run_key, durable)
+            writer._open_existing()
+            return writer
+        _remove(d)
+        tmp = d.with_name(f"{d.name}{_TMP}{os.getpid()}")
+        tmp.mkdir()
+        _atomic_write(tmp / _RUN, [record], "run", durable)
+        _step("create:dir")
+        os.replace(tmp, d)
+        if durable:
+            _fsync_dir(d.parent)
+        _step("create:renamed")
+        return cls(path, spec, run_key, durable)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, expect: Mapping[str, Any]) -> "StoreWriter":
-        """Reopen ``<path>.partial``; refuse it when any attribute in ``expect`` differs.
+    def resume(cls, path: str | os.PathLike, expect: Mapping[str, Any] | None = None, *,
+               durable: bool = True) -> "StoreWriter":
+        """Reopen the unfinished run of ``path``.
 
-        Frames appended after the last committed batch (an interruption between the two steps
-        of :meth:`write_items`) are cut off, so the resumed store equals an uninterrupted one.
+        Raises :class:`StoreMismatch` naming every attribute of ``expect`` that differs,
+        :class:`PartialDamaged` when the run record cannot be read (then ``create(...,
+        salvage=True)`` keeps what can be kept), ``FileNotFoundError`` when there is no run.
+        Damaged batch files are deleted (listed in :attr:`dropped`), so their batches are redone.
         """
         path = Path(path)
-        h5 = h5py.File(partial_path(path), "r+")
-        for key, value in expect.items():
-            have = h5.attrs.get(key)
-            if _norm(have) != _norm(_attr(value)):
-                h5.close()
+        d = partial_path(path)
+        if d.is_file() or (d.is_symlink() and not d.is_dir()):
+            raise PartialDamaged(f"{d} is a single file: an unfinished run of an earlier featstore version, "
+                                 "which cannot be resumed safely")
+        if not d.is_dir():
+            raise FileNotFoundError(f"no unfinished run at {d}")
+        try:
+            record = _read_record(d / _RUN, "run")
+            spec, run_key = record["spec"], record["run"]
+            if _run_key(spec) != run_key:
+                raise ValueError("run key mismatch")
+        except FileNotFoundError:
+            raise PartialDamaged(f"{d} has no run record ({_RUN})") from None
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise PartialDamaged(f"{d / _RUN} is damaged ({exc})") from None
+        if expect:
+            fields = identity_diff(spec["attrs"], {k: v for k, v in expect.items() if k not in VOLATILE_ATTRS})
+            if fields:
                 raise StoreMismatch(
-                    f"{partial_path(path)} was started with {key}={_short(have)}, this run has "
-                    f"{key}={_short(_attr(value))}; delete it or use another --out"
-                )
-        committed = int(h5.attrs["committed_frames"])
-        for ds in h5["layers"].values():
-            if ds.shape[0] != committed:
-                ds.resize(committed, axis=0)
-        return cls(h5, path)
+                    f"{d} was started with other settings — {describe_diff(fields, 'there')}; delete it, "
+                    "use --overwrite to discard it, or use another --out", fields)
+        writer = cls(path, spec, run_key, durable)
+        writer._open_existing()
+        return writer
+
+    def _open_existing(self) -> None:
+        for f in self.dir.iterdir():
+            if f.name.startswith(_TMP) or f.name == _FINAL:
+                _remove(f)  # an interrupted commit or finish
+        try:
+            record = _read_record(self.dir / _ATTRS, "attrs")
+            if record["run"] == self.run_key:
+                self.extra_attrs = dict(record["attrs"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            self.attrs_damaged = str(exc)
+            _remove(self.dir / _ATTRS)
+        for f in sorted(self.dir.glob("b*.batch")):
+            try:
+                key, header = self._verify(f)
+                if key in self.batches or any(int(r) in self._done for r in header["rows"]):
+                    raise ValueError("its rows are already in another batch")
+            except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
+                self.dropped.append((f.name, str(exc)))
+                _remove(f)
+                continue
+            self._add(key, f, header)
+
+    def _add(self, key: int, path: Path, header: dict) -> None:
+        self.batches[key] = _Batch(key, path, header)
+        for r in header["rows"]:
+            self._done[int(r)] = key
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def rows(self) -> list[dict]:
+        return self.spec["rows"]
+
+    @property
+    def plan(self) -> list[list[int]] | None:
+        return self.spec.get("plan")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.spec.get("settings") or {})
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes as they will be written (values as stored: JSON strings for dicts)."""
+        return {**self.spec["attrs"], **self.extra_attrs}
+
+    def committed(self, key: int) -> bool:
+        return key in self.batches
+
+    def pending_rows(self) -> np.ndarray:
+        """Indices of rows not yet in a committed batch."""
+        return np.array([i for i in range(len(self.rows)) if i not in self._done], dtype=np.int64)
 
     # -- writing ---------------------------------------------------------------------------
-    def pending_rows(self) -> np.ndarray:
-        """Indices of rows not yet processed."""
-        status = _decode(self.h5["items/status"][:])
-        return np.flatnonzero(status == PENDING)
-
-    def write_items(self, results: Sequence[tuple[int, Mapping[str, Any], Sequence[np.ndarray] | None]]) -> None:
-        """Append a batch: each entry is ``(row, fields, layers)``.
+    def write_items(self, results: Sequence[tuple[int, Mapping[str, Any], Sequence[np.ndarray] | None]],
+                    key: int | None = None, stats: Mapping[str, Any] | None = None) -> int:
+        """Commit a batch atomically: each entry is ``(row, fields, layers)``; returns its key.
 
         ``layers`` is a list with one ``(num_frames, dim_k)`` array per layer, or ``None`` for a
         failed item (0 frames). ``fields`` sets ``items/`` columns (status, error, note, ...).
+        ``key`` orders the batches in the finished store (default: after the last one).
         """
-        committed = int(self.h5.attrs["committed_frames"])
-        layers = self.h5["layers"]
-        names = sorted(layers.keys(), key=int)
-        total = committed
-        offsets = []
-        for _, _, frames in results:
-            n = 0 if frames is None else int(frames[0].shape[0])
-            offsets.append((total, n))
-            total += n
-        if total > committed:
-            for pos, name in enumerate(names):
-                ds = layers[name]
-                ds.resize(total, axis=0)
-                block = [f[pos] for _, _, f in results if f is not None and f[0].shape[0] > 0]
-                ds[committed:total] = np.concatenate(block, axis=0).astype(ds.dtype, copy=False)
-        items = self.h5["items"]
-        for (row, fields, frames), (off, n) in zip(results, offsets):
-            values = dict(fields)
-            values["offset"] = off if n else 0
-            values["num_frames"] = n
-            values.setdefault("status", OK)
-            for col, val in values.items():
-                if col in items:
-                    items[col][row] = val
-        self.h5.attrs["committed_frames"] = total
-        self.h5.flush()
+        key = max(self.batches, default=-1) + 1 if key is None else int(key)
+        if key < 0 or key in self.batches:
+            raise ValueError(f"batch {key} is already committed" if key >= 0 else "batch keys are >= 0")
+        rows, fields, counts, arrays = [], [], [], []
+        seen: set[int] = set()
+        n_rows, n_layers = len(self.rows), len(self.dims)
+        for row, values, frames in results:
+            row = int(row)
+            if not 0 <= row < n_rows:
+                raise ValueError(f"row {row} does not exist (the run has {n_rows} rows)")
+            if row in self._done or row in seen:
+                raise ValueError(f"row {row} is already committed")
+            seen.add(row)
+            n = 0
+            if frames is not None:
+                if len(frames) != n_layers:
+                    raise ValueError(f"row {row}: {len(frames)} layers given, the store has {n_layers}")
+                n = int(frames[0].shape[0])
+                for pos, f in enumerate(frames):
+                    if f.ndim != 2 or f.shape != (n, self.dims[pos]):
+                        raise ValueError(f"row {row}, layer {pos}: shape {f.shape}, expected ({n}, {self.dims[pos]})")
+            rows.append(row)
+            fields.append(dict(values))
+            counts.append(n)
+            arrays.append(frames if n else None)
+        blocks: list[list[Any]] = []
+        header: dict[str, Any] = {"layout": PARTIAL_LAYOUT, "run": self.run_key, "key": key, "rows": rows,
+                                  "fields": fields, "frames": counts, "stats": dict(stats or {})}
+
+        def parts() -> Iterator[Any]:
+            pos_bytes = _ALIGN
+            yield _MAGIC + b"\0" * (_ALIGN - len(_MAGIC))
+            for pos in range(n_layers):
+                h = hashlib.sha256()
+                start = pos_bytes
+                for fr in arrays:
+                    if fr is None:
+                        continue
+                    a = np.ascontiguousarray(fr[pos], dtype=self.dtype)
+                    h.update(a)
+                    yield a
+                    pos_bytes += a.nbytes
+                pad = -pos_bytes % _ALIGN
+                if pad:
+                    yield b"\0" * pad
+                blocks.append([start, pos_bytes - start, h.hexdigest()])
+                pos_bytes += pad
+            header["blocks"] = blocks
+            header["data_end"] = pos_bytes
+            body = _dumps(header)
+            yield body + _TAIL.pack(hashlib.sha256(body).digest(), len(body), _MAGIC)
+
+        name = self.dir / f"b{key:08d}.batch"
+        _atomic_write(name, parts(), "batch", self.durable)
+        self._add(key, name, _loads(_dumps(header)))
+        return key
+
+    def _verify(self, f: Path) -> tuple[int, dict]:
+        """Check a batch file fully; its key and header, or ``ValueError`` saying what is wrong."""
+        size = f.stat().st_size
+        if size < _ALIGN + _TAIL.size:
+            raise ValueError(f"truncated ({size} bytes)")
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if bytes(_pread(fd, 0, len(_MAGIC))) != _MAGIC:
+                raise ValueError("not a batch file")
+            digest, hlen, magic = _TAIL.unpack(bytes(_pread(fd, size - _TAIL.size, _TAIL.size)))
+            if magic != _MAGIC or hlen > size - _TAIL.size - _ALIGN:
+                raise ValueError("truncated or overwritten at its end")
+            body = bytes(_pread(fd, size - _TAIL.size - hlen, hlen))
+            if hashlib.sha256(body).digest() != digest:
+                raise ValueError("header checksum mismatch")
+            header = _loads(body)
+            if header.get("layout") != PARTIAL_LAYOUT or header.get("run") != self.run_key:
+                raise ValueError("written by another run")
+            if header.get("data_end") != size - _TAIL.size - hlen:
+                raise ValueError("its data and header do not fit together")
+            key = int(header["key"])
+            if f.name != f"b{key:08d}.batch":
+                raise ValueError(f"holds batch {key}")
+            rows, counts = header["rows"], header["frames"]
+            if not (len(rows) == len(counts) == len(header["fields"])) or len(header["blocks"]) != len(self.dims):
+                raise ValueError("inconsistent header")
+            if any(not 0 <= int(r) < len(self.rows) for r in rows):
+                raise ValueError("rows out of range")
+            total = sum(int(c) for c in counts)
+            for pos, (off, nbytes, sha) in enumerate(header["blocks"]):
+                if nbytes != total * self.dims[pos] * self.dtype.itemsize or off + nbytes > header["data_end"]:
+                    raise ValueError(f"layer block {pos} has the wrong size")
+                if hashlib.sha256(_pread(fd, off, nbytes)).hexdigest() != sha:
+                    raise ValueError(f"checksum mismatch in layer block {pos}")
+        finally:
+            os.close(fd)
+        return key, header
 
     def set_attrs(self, **attrs: Any) -> None:
-        for key, value in attrs.items():
-            self.h5.attrs[key] = _attr(value)
+        """Set root attributes (kept in ``attrs.json`` until the store is finished)."""
+        self.extra_attrs.update({k: _attr(v) for k, v in attrs.items()})
+        self.extra_attrs = _loads(_dumps(self.extra_attrs))
+        _atomic_write(self.dir / _ATTRS, [_record_bytes("attrs", {"run": self.run_key, "attrs": self.extra_attrs})],
+                      "attrs", self.durable)
+
+    # -- finishing -------------------------------------------------------------------------
+    def item_columns(self) -> dict[str, np.ndarray]:
+        """The ``items/`` table as the finished store will hold it (pending rows marked so)."""
+        rows = self.rows
+        cols: dict[str, list] = {}
+        for col, kind in ITEM_COLUMNS.items():
+            cols[col] = [r.get(col, _default(kind)) for r in rows]
+        cols["status"] = [PENDING] * len(rows)
+        for col in self.spec["extra_columns"]:
+            cols[col] = [str(r.get(col, "") or "") for r in rows]
+        total = 0
+        for key in sorted(self.batches):
+            h = self.batches[key].header
+            for row, values, n in zip(h["rows"], h["fields"], h["frames"]):
+                values = dict(values)
+                values["offset"] = total if n else 0
+                values["num_frames"] = int(n)
+                values.setdefault("status", OK)
+                for col, val in values.items():
+                    if col in cols:
+                        cols[col][int(row)] = "" if val is None else val
+                total += int(n)
+        out = {}
+        for col, vals in cols.items():
+            kind = ITEM_COLUMNS.get(col, "s")
+            if kind == "s":
+                out[col] = np.array([str(v) for v in vals], dtype=object)
+            elif kind == "i":
+                out[col] = np.asarray(vals, dtype=np.int64)
+            else:
+                out[col] = np.asarray(vals, dtype=np.float64)
+        return out
 
     def finalize(self) -> Path:
-        """Close and move ``.partial`` to the final name (atomic on one file system)."""
-        self.h5.attrs["num_items"] = self.h5["items/id"].shape[0]
-        self.h5.flush()
-        self.h5.close()
-        os.replace(partial_path(self.path), self.path)
+        """Build the HDF5 file from the committed batches and move it to the final name.
+
+        The file is built as ``<partial>/final.h5`` (one sequential write per layer and batch),
+        fsynced, and renamed over ``path`` with ``os.replace``: an existing store stays intact
+        until that instant. Then the batch directory is removed. Raises :class:`PartialDamaged`
+        (after deleting the batch) when a batch file was damaged after it was verified.
+        """
+        cols = self.item_columns()
+        keys = sorted(self.batches)
+        tmp = self.dir / _FINAL
+        _remove(tmp)
+        spec = self.spec
+        attrs = self.attrs
+        layer_ids, dims = spec["layer_ids"], self.dims
+        total = int(cols["num_frames"].sum())
+        try:
+            with h5py.File(tmp, "w") as h5:
+                for k, v in attrs.items():
+                    h5.attrs[k] = v
+                h5.attrs["format"] = FORMAT
+                h5.attrs["format_version"] = FORMAT_VERSION
+                h5.attrs["num_layers"] = len(dims)
+                h5.attrs["dtype"] = str(self.dtype)
+                h5.attrs["num_items"] = len(self.rows)
+                items = h5.create_group("items")
+                for col, values in cols.items():
+                    if values.dtype == object:
+                        items.create_dataset(col, data=values, dtype=STR)
+                    else:
+                        items.create_dataset(col, data=values)
+                items.attrs["extra_columns"] = json.dumps(list(spec["extra_columns"]))
+                layers = h5.create_group("layers")
+                _step("final:items")
+                for pos, (lid, dim) in enumerate(zip(layer_ids, dims)):
+                    rows_per_chunk = max(1, min(spec["chunk_frames"], max(1, 2**20 // (4 * dim))))
+                    ds = layers.create_dataset(layer_name(lid), shape=(total, dim), maxshape=(None, dim),
+                                               dtype=self.dtype, chunks=(rows_per_chunk, dim))
+                    at = 0
+                    for key in keys:
+                        at += self._copy_block(self.batches[key], pos, ds, at)
+                    _step("final:layer")
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _step("final:built")
+        os.replace(tmp, self.path)
+        _step("final:replaced")
+        _fsync_dir(self.path.parent)
+        self.discard()
+        _step("final:cleaned")
         return self.path
 
+    def _copy_block(self, batch: _Batch, pos: int, ds: h5py.Dataset, at: int) -> int:
+        off, nbytes, sha = batch.header["blocks"][pos]
+        if not nbytes:
+            return 0
+        fd = os.open(batch.path, os.O_RDONLY)
+        try:
+            buf = _pread(fd, off, nbytes)
+        finally:
+            os.close(fd)
+        if hashlib.sha256(buf).hexdigest() != sha:
+            _remove(batch.path)
+            del self.batches[batch.key]
+            raise PartialDamaged(f"{batch.path.name} in {self.dir} was damaged after it was committed (checksum "
+                                 "mismatch); it was deleted: run the same command again to redo that batch")
+        block = np.frombuffer(buf, dtype=self.dtype).reshape(-1, self.dims[pos])
+        ds[at : at + len(block)] = block
+        return len(block)
+
+    def discard(self) -> None:
+        """Delete the batch directory (see :func:`discard_partial`)."""
+        discard_partial(self.path)
+
     def close(self) -> None:
-        if self.h5.id.valid:
-            self.h5.flush()
-            self.h5.close()
+        """Nothing stays open between commits; kept for callers of the earlier writer."""
 
 
-class StoreMismatch(RuntimeError):
-    """A partial store cannot be resumed by this run (different model, manifest or settings)."""
+def discard_partial(path: str | os.PathLike) -> None:
+    """Delete the unfinished run of ``path``: batch files first, the run record last, so that a
+    kill half-way leaves a directory that is still recognised as the run it was."""
+    d = partial_path(path)
+    if not d.is_dir() or d.is_symlink():
+        _remove(d)
+        return
+    for f in d.iterdir():
+        if f.name != _RUN:
+            _remove(f)
+    _remove(d / _RUN)
+    _remove(d)
 
 
-def partial_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
+def _run_key(spec: Mapping[str, Any]) -> str:
+    stable = {**spec, "attrs": {k: v for k, v in spec["attrs"].items() if k not in VOLATILE_ATTRS}}
+    return hashlib.sha256(_dumps(stable)).hexdigest()[:32]
 
 
-def _create_column(group: h5py.Group, name: str, kind: str, values: Sequence[Any]) -> None:
-    if kind == "s":
-        group.create_dataset(name, data=np.array([str(v) for v in values], dtype=object), dtype=STR)
-    elif kind == "i":
-        group.create_dataset(name, data=np.asarray(values, dtype=np.int64))
-    else:
-        group.create_dataset(name, data=np.asarray(values, dtype=np.float64))
+def read_partial_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Root attributes recorded by the unfinished run of ``path``, or ``None`` when unreadable."""
+    try:
+        return dict(_read_record(partial_path(path) / _RUN, "run")["spec"]["attrs"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
 
 
 def _attr(value: Any) -> Any:
@@ -502,6 +1036,9 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
                 "`featstore extract` command again to resume it"
             )
         raise FileNotFoundError(f"no store at {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a store file"
+                         + (" (the batch directory of an unfinished run)" if path.name.endswith(".partial") else ""))
     h5 = h5py.File(path, mode)
     if _norm(h5.attrs.get("format")) != FORMAT:
         h5.close()
@@ -573,6 +1110,9 @@ def check_store(path: str | os.PathLike) -> list[str]:
         bad_ok = np.flatnonzero((status == OK) & (nfr == 0))
         if len(bad_ok):
             problems.append(f"{len(bad_ok)} items have status ok but 0 frames")
+        failed_with_frames = np.flatnonzero((status != OK) & (status != PENDING) & (nfr > 0))
+        if len(failed_with_frames):
+            problems.append(f"{len(failed_with_frames)} failed items have frames (first: row {failed_with_frames[0]})")
         ids = store.column("id")
         if len(set(ids[status == OK])) != int((status == OK).sum()):
             problems.append("duplicate ids among ok items")
@@ -581,7 +1121,80 @@ def check_store(path: str | os.PathLike) -> list[str]:
         if ((seg_e[has] < seg_s[has]) | (seg_e[has] > nfr[has])).any():
             problems.append("a segment lies outside its item's frames")
         for name in h5["layers"]:
-            ds = h5["layers"][name]
-            if ds.shape[0] and not np.isfinite(ds[: min(ds.shape[0], 65536)]).all():
-                problems.append(f"layers/{name} holds non-finite values")
+            problem = _nonfinite_report(h5["layers"][name], offset, nfr, ids)
+            if problem:
+                problems.append(f"layers/{name} {problem}")
     return problems
+
+
+#: bytes of one read when scanning a layer (memory stays bounded whatever the store's size)
+SCAN_BYTES = 32 << 20
+
+
+def _nonfinite_report(ds: h5py.Dataset, offset: np.ndarray, nfr: np.ndarray, ids: np.ndarray) -> str | None:
+    """Scan a whole layer in chunks of about :data:`SCAN_BYTES`; describe its non-finite values."""
+    if not ds.shape[0] or ds.dtype.kind != "f":
+        return None
+    row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:])))
+    step = max(1, SCAN_BYTES // row_bytes)
+    if ds.chunks:
+        step = max(ds.chunks[0], step // ds.chunks[0] * ds.chunks[0])
+    count, bad_frames = 0, []
+    for a in range(0, ds.shape[0], step):
+        block = ds[a : a + step]
+        finite = np.isfinite(block)
+        if not finite.all():
+            count += int(block.size - finite.sum())
+            bad_frames.append(a + np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1)))
+    if not count:
+        return None
+    frames = np.concatenate(bad_frames)
+    live = np.flatnonzero(nfr > 0)
+    order = live[np.argsort(offset[live], kind="stable")]
+    pos = np.searchsorted(offset[order], frames, side="right") - 1
+    owners = sorted({int(order[p]) for p, fr in zip(pos, frames)
+                     if p >= 0 and fr < offset[order[p]] + nfr[order[p]]})
+    first = f"; first: item {ids[owners[0]]!r} (row {owners[0]})" if owners else ""
+    return f"holds {count} non-finite values in {len(frames)} frames of {len(owners)} item(s){first}"
+
+
+def compare_stores(a: str | os.PathLike, b: str | os.PathLike,
+                   ignore_attrs: Sequence[str] = ("created_at", "extraction_stats")) -> list[str]:
+    """Differences between two store files: every attribute (but ``ignore_attrs`` of the root),
+    every dataset's dtype, shape and bytes; empty when they are equal item for item, bit for bit."""
+    diffs: list[str] = []
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        def objects(f: h5py.File) -> dict[str, Any]:
+            out = {"/": f}
+            f.visititems(lambda name, obj: out.__setitem__(name, obj))
+            return out
+
+        oa, ob = objects(fa), objects(fb)
+        for name in sorted(set(oa) ^ set(ob)):
+            diffs.append(f"{name} only in {'the first' if name in oa else 'the second'}")
+        for name in sorted(set(oa) & set(ob)):
+            x, y = oa[name], ob[name]
+            skip = ignore_attrs if name == "/" else ()
+            for key in sorted((set(x.attrs) | set(y.attrs)) - set(skip)):
+                if key not in x.attrs or key not in y.attrs:
+                    diffs.append(f"{name} attribute {key} only in one store")
+                elif not _same_value(x.attrs[key], y.attrs[key]):
+                    diffs.append(f"{name} attribute {key}: {_short(x.attrs[key], 40)} vs {_short(y.attrs[key], 40)}")
+            if isinstance(x, h5py.Dataset) and isinstance(y, h5py.Dataset):
+                if x.dtype != y.dtype or x.shape != y.shape:
+                    diffs.append(f"{name}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}")
+                    continue
+                step = max(1, SCAN_BYTES // max(1, x.dtype.itemsize * int(np.prod(x.shape[1:] or (1,)))))
+                for s0 in range(0, x.shape[0] if x.shape else 1, step):
+                    u, v = (x[s0 : s0 + step], y[s0 : s0 + step]) if x.shape else (x[()], y[()])
+                    if not _same_value(u, v):
+                        diffs.append(f"{name} differs (from row {s0})")
+                        break
+    return diffs
+
+
+def _same_value(u: Any, v: Any) -> bool:
+    u, v = np.asarray(_norm(u)), np.asarray(_norm(v))
+    if u.dtype.kind in "OSU" or v.dtype.kind in "OSU":
+        return u.shape == v.shape and all(_norm(p) == _norm(q) for p, q in zip(u.ravel(), v.ravel()))
+    return u.dtype == v.dtype and u.shape == v.shape and u.tobytes() == v.tobytes()
