@@ -64,26 +64,11 @@ class ExtractResult:
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """``all`` | ``0-4,8,-1`` -> sorted layer indices (``-1`` = last)."""
-    if spec.strip().lower() in ("all", ""):
-        return list(range(num_layers))
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(-?\d+)-(-?\d+)", part)
-        try:
-            if m:
-                a, b = int(m.group(1)), int(m.group(2))
-                out.update(range(a, b + 1))
-            else:
-                k = int(part)
-                out.add(k if k >= 0 else num_layers + k)
-        except ValueError:
-            raise ValueError(f"bad layer spec {spec!r}: use 'all', '0-12' or '0,4,8'") from None
-    bad = sorted(k for k in out if not 0 <= k < num_layers)
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: this encoder has layers 0..{num_layers - 1}")
-    return sorted(out)
+    """``all`` | ``0-4,8,-1`` -> sorted layer indices of an encoder with ``num_layers`` hidden states
+    (``-1`` = last), through the one layer-spec parser, :mod:`featstore.layerspec`."""
+    from featstore.layerspec import resolve_layers
+
+    return resolve_layers(spec, range(num_layers), what="this encoder")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:

@@ -283,7 +283,7 @@ def test_extra_columns_float16_and_plain_h5py(tiny_models, clip_set, tmp_path):
 def test_parse_layers():
     assert parse_layers("all", 13) == list(range(13))
     assert parse_layers("0-3,8,-1", 13) == [0, 1, 2, 3, 8, 12]
-    with pytest.raises(ValueError, match=r"layers \[13\] do not exist: this encoder has layers 0..12"):
+    with pytest.raises(ValueError, match=r"layer 13 does not exist: this encoder has layers 0\.\.12"):
         parse_layers("13", 13)
 
 
