@@ -10,6 +10,7 @@ import json
 import math
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ import numpy as np
 
 from featstore.audio import AudioError, Clip, load_audio, probe_duration
 from featstore.encoders.base import Encoder
-from featstore.manifest import Manifest, Row, read_manifest
+from featstore.manifest import Manifest, ManifestWarning, Row, read_manifest
 from featstore.store import OK, StoreWriter, partial_path
 
 DEFAULT_CACHE = Path("cache")
@@ -221,6 +222,10 @@ def extract(
     crop_to_segment: bool = False,
     textgrid_tier: str | None = None,
     textgrid_labels: Sequence[str] | None = None,
+    columns: dict[str, str] | str | None = None,
+    manifest_format: str = "auto",
+    split: str | None = None,
+    audio_cache: str | Path | None = None,
     shard: str | tuple[int, int] | None = None,
     overwrite: bool = False,
     audit_clips: int = 8,
@@ -235,13 +240,21 @@ def extract(
     (``logmel``/``mfcc``/``spectral``) or a ready :class:`Encoder`. Returns an
     :class:`ExtractResult`; per-item problems are listed there and in the store's ``items/``.
     ``on_batch(i)`` is called after batch ``i`` is committed (a hook for progress or tests).
+    ``columns``, ``manifest_format``, ``split`` and ``audio_cache`` go to
+    :func:`featstore.manifest.read_manifest` (column mapping, lhotse / Hugging Face sources).
     """
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    man = manifest if isinstance(manifest, Manifest) else read_manifest(
-        manifest, group_column, textgrid_tier, list(textgrid_labels) if textgrid_labels else None)
+    with warnings.catch_warnings():  # shown once, on the run's console, just below
+        warnings.simplefilter("ignore", ManifestWarning)
+        man = manifest if isinstance(manifest, Manifest) else read_manifest(
+            manifest, group_column, textgrid_tier, list(textgrid_labels) if textgrid_labels else None,
+            columns=columns, format=manifest_format, split=split, audio_cache=audio_cache)
+    for msg in man.warnings:
+        console.print(f"[yellow]warning:[/] {escape(msg)}")
     shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
     rows_idx = shard_rows(len(man.rows), shard_t)
     rows = [man.rows[i] for i in rows_idx]
