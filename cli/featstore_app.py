@@ -15,8 +15,10 @@ EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-    """One red line, no traceback."""
-    console.print(f"[bold red]error:[/] {message}")
+    """One red line, no traceback (the message is printed as it is: no rich markup)."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
