@@ -139,7 +139,7 @@ def read_manifest(
         rows, extra, used, gcol = rows_from_records(table.records, table.header, table.name,
                                                     {**table.default_mapping, **mapping}, group_column, table.resolve_path)
         digest, notes = table.digest, list(table.warnings)
-    digest = _digest_with_mapping(digest, used, group_column=gcol)
+    digest = _digest_with_mapping(digest, used)
     notes += segment_lookalike_warnings(extra, used, source)
     if textgrid_tier:
         rows = _expand_textgrids(rows, textgrid_tier, textgrid_labels)
@@ -284,7 +284,7 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _digest_with_mapping(digest: str, used: Mapping[str, str], group_column: str | None) -> str:
+def _digest_with_mapping(digest: str, used: Mapping[str, str]) -> str:
     """The manifest hash, changed by any mapping that differs from the default (a role read from a
     column of another name), so that a store's identity says which columns were used."""
     moved = {role: col for role, col in used.items() if col != role}

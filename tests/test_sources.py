@@ -115,6 +115,10 @@ def test_lhotse_supervisions_file_finds_its_recordings_and_bad_files_are_one_err
     recs.to_file(rec_only)
     man = read_manifest(rec_only)
     assert [(r.id, r.start, r.status) for r in man.rows][:3] == [("rec0", None, ""), ("rec1", None, ""), ("rec2", None, "")]
+    # the format by name, or explicitly
+    assert read_manifest(rec_only, format="lhotse").sha256 == man.sha256
+    with pytest.raises(ManifestError, match="unknown manifest format 'kaldi'; use one of auto, csv, folder, lhotse, hf"):
+        read_manifest(rec_only, format="kaldi")
 
 
 def test_lhotse_cuts_whole_and_trimmed(lhotse_set, tmp_path):
