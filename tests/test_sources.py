@@ -156,7 +156,9 @@ def test_lhotse_cuts_whole_and_trimmed(lhotse_set, tmp_path):
 # Hugging Face datasets
 # ---------------------------------------------------------------------------------------------
 def hf_dataset(tmp_path):
-    from datasets import Audio, ClassLabel, Dataset, Features, List, Value
+    from datasets import Audio, ClassLabel, Dataset, Features, Value
+
+    List = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 calls it Sequence
 
     write_wav(tmp_path / "file0.wav", noise(6000, 0))
     x44 = noise(int(0.4 * 44100), 1)
