@@ -22,7 +22,8 @@ for batch in loader:
   (:mod:`featstore.spans`).
 * Items are **skipped** when their status is not ``ok`` (failed extraction, 0 frames), when they
   have no label (unless ``keep_unlabelled=True``: label -1) or a label outside a given ``labels``
-  list, or when they are not in ``rows``; ``ds.skipped`` lists ``(id, reason)``.
+  list, or when they are not in ``rows`` (indices or a boolean mask; items stay in store order);
+  ``ds.skipped`` lists ``(id, reason)`` (rows left out by ``rows`` are not listed).
 * Labels are encoded in a fixed order: ``labels=[...]`` or, by default, the sorted labels of the
   items kept; ``ds.labels`` is that order (save it with the model).
 * DataLoader workers: the HDF5 file is opened lazily, once per process, on the first item that
@@ -74,8 +75,16 @@ class FrameDataset(Dataset):
                 raise ValueError(f"{self.path} has no items/{label_column} column "
                                  f"(columns: {', '.join(st.h5['items'].keys())})")
             ids, status, label_str, group = ([str(v) for v in st.column(c)] for c in ("id", "status", label_column, "group"))
-        chosen = np.zeros(len(ids), dtype=bool)
-        chosen[np.arange(len(ids)) if rows is None else np.asarray(rows, dtype=np.int64)] = True
+        chosen = np.ones(len(ids), dtype=bool)
+        if rows is not None:  # row indices or a boolean mask over the store's rows
+            sel = np.asarray(rows)
+            if sel.dtype == bool:
+                if sel.shape != (len(ids),):
+                    raise ValueError(f"a boolean rows mask must have shape ({len(ids)},), got {sel.shape}")
+                chosen = sel.copy()
+            else:
+                chosen = np.zeros(len(ids), dtype=bool)
+                chosen[sel.astype(np.int64)] = True
         known = None if labels is None else list(labels)
         keep, skipped = [], []
         for i in range(len(ids)):

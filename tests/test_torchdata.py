@@ -118,8 +118,11 @@ def test_failed_unlabelled_and_unknown_labels_are_skipped(tmp_path):
     assert ("w4", "label 'c' not in labels") in fixed.skipped
     clip, seg = fixed[0], ds[0]
     assert clip["length"] == h5_item(res.path, 0, 0).shape[0] > seg["length"] == h5_item(res.path, 0, 0, "segment").shape[0]
-    subset = FrameDataset(res.path, layers=0, rows=[1, 3])
-    assert subset.ids == ["w1", "w3"] and subset.labels == ["a", "b"]
+    subset = FrameDataset(res.path, layers=0, rows=[3, 1])
+    assert subset.ids == ["w1", "w3"] and subset.labels == ["a", "b"] and subset.skipped == []
+    mask = np.zeros(7, dtype=bool)
+    mask[[1, 3]] = True
+    assert FrameDataset(res.path, layers=0, rows=mask).ids == ["w1", "w3"]
 
 
 def readme_example() -> str:
