@@ -295,11 +295,32 @@ def _digest_with_mapping(digest: str, used: Mapping[str, str]) -> str:
 
 def segment_lookalike_warnings(extra: list[str], used: Mapping[str, str], source: Any) -> list[str]:
     """One warning naming the extra (unused) columns whose names look like segment times, with the
-    mapping that would use them when the manifest has no segment yet."""
+    mapping that would use them when the manifest has no segment yet. Such a column named like one
+    of the store's own ``items/`` columns (``offset``) cannot be kept at all: a :class:`ManifestError`
+    that says how to map it."""
+    from featstore.store import ITEM_COLUMNS
+
     norm = {c: re.sub(r"[\s.\-]+", "_", c.strip().lower()) for c in extra}
     names = [c for c in extra if _LOOKS_START.match(norm[c]) or _LOOKS_END.match(norm[c])]
     if not names:
         return []
+    starts = [c for c in names if _LOOKS_START.match(norm[c])]
+    ends = [c for c in names if _LOOKS_END.match(norm[c])]
+    hint = ""
+    if starts and ends:
+        key = lambda c, words: re.sub(words, "#", norm[c], count=1)  # noqa: E731 - onset/offset -> '#'
+        pairs = [(a, b) for a in starts for b in ends
+                 if key(a, r"start|begin|onset|min") == key(b, r"end|stop|offset|max")]
+        a, b = pairs[0] if pairs else (starts[0], ends[0])
+        hint = f"--columns start={a},end={b} (Python: columns={{'start': {a!r}, 'end': {b!r}}})"
+        if any(norm[c].endswith(("ms", "msec")) for c in (a, b)):
+            hint += "; start/end are read as seconds, so convert milliseconds first"
+    clash = [c for c in names if c in ITEM_COLUMNS]
+    if clash:
+        c = clash[0]
+        raise ManifestError(f"{source}: column '{c}' looks like a segment time, but the store keeps items/{c} for "
+                            f"itself, so it cannot be an extra column: use it as the segment "
+                            f"({hint or f'--columns start=COLUMN,end=COLUMN'}) or rename it")
     many = len(names) > 1
     msg = (f"{source}: column{'s' if many else ''} {', '.join(repr(c) for c in names)} look{'' if many else 's'} like "
            f"segment times but {'are' if many else 'is'} not used as the segment (kept as "
@@ -307,17 +328,8 @@ def segment_lookalike_warnings(extra: list[str], used: Mapping[str, str], source
     if "start" in used:
         return [msg + f"; the segment comes from columns '{used['start']}'/'{used['end']}'"]
     msg += "; items get no segment, so pooling runs over the whole clip"
-    starts = [c for c in names if _LOOKS_START.match(norm[c])]
-    ends = [c for c in names if _LOOKS_END.match(norm[c])]
-    if starts and ends:
-        key = lambda c, words: re.sub(words, "#", norm[c], count=1)  # noqa: E731 - onset/offset -> '#'
-        pairs = [(a, b) for a in starts for b in ends
-                 if key(a, r"start|begin|onset|min") == key(b, r"end|stop|offset|max")]
-        a, b = pairs[0] if pairs else (starts[0], ends[0])
-        msg += (f". To use them as the segment (seconds): --columns start={a},end={b} "
-                f"(Python: columns={{'start': {a!r}, 'end': {b!r}}})")
-        if any(norm[c].endswith(("ms", "msec")) for c in (a, b)):
-            msg += "; start/end are read as seconds, so convert milliseconds first"
+    if hint:
+        msg += f". To use them as the segment (seconds): {hint}"
     return [msg]
 
 

@@ -39,17 +39,28 @@ def start_s_csv(onset_csv):
     return path
 
 
-def test_unused_segment_columns_warn_and_name_the_fix(onset_csv):
+def test_unused_segment_columns_warn_and_name_the_fix(start_s_csv):
     with pytest.warns(ManifestWarning) as rec:
-        man = read_manifest(onset_csv)
+        man = read_manifest(start_s_csv)
     assert len(rec) == 1
     msg = str(rec[0].message)
-    assert "'onset', 'offset' look like segment times but are not used as the segment" in msg
+    assert "'start_s', 'end_s' look like segment times but are not used as the segment" in msg
     assert "pooling runs over the whole clip" in msg
-    assert "--columns start=onset,end=offset" in msg and "columns={'start': 'onset', 'end': 'offset'}" in msg
+    assert "--columns start=start_s,end=end_s" in msg and "columns={'start': 'start_s', 'end': 'end_s'}" in msg
     assert man.warnings == [msg]
-    assert not man.has_segments and man.extra_columns == ["utt", "diagnosis", "child_id", "onset", "offset"]
-    assert man.sha256 == hashlib.sha256(onset_csv.read_bytes()).hexdigest()  # default mapping: the file's hash
+    assert not man.has_segments and man.extra_columns == ["utt", "diagnosis", "child_id", "start_s", "end_s"]
+    assert man.sha256 == hashlib.sha256(start_s_csv.read_bytes()).hexdigest()  # default mapping: the file's hash
+
+
+def test_onset_offset_unmapped_is_an_error_that_names_the_mapping(onset_csv, tmp_path):
+    """A column called 'offset' cannot be kept beside the store's own items/offset: the run stops
+    before extracting anything, and says how to use the column."""
+    with pytest.raises(ManifestError, match=r"column 'offset' looks like a segment time, but the store keeps items/offset "
+                                            r"for itself.*--columns start=onset,end=offset"):
+        read_manifest(onset_csv)
+    r = runner.invoke(app, ["extract", "--manifest", str(onset_csv), "--model", "logmel", "--out", str(tmp_path / "o.h5")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "use it as the segment (--columns start=onset,end=offset" in r.output and "invalid literal" not in r.output
 
 
 def test_mapping_gives_segments_speaker_label_id_and_changes_the_hash(onset_csv):
@@ -63,7 +74,7 @@ def test_mapping_gives_segments_speaker_label_id_and_changes_the_hash(onset_csv)
     assert man.extra_columns == [] and man.group_column == "child_id"
     assert man.columns == {"path": "path", "id": "utt", "label": "diagnosis", "speaker": "child_id",
                            "start": "onset", "end": "offset"}
-    hashes = {read_manifest(onset_csv).sha256, plain.sha256, man.sha256,
+    hashes = {hashlib.sha256(onset_csv.read_bytes()).hexdigest(), plain.sha256, man.sha256,
               read_manifest(onset_csv, columns={"start": "onset", "end": "offset", "id": "utt"}).sha256}
     assert len(hashes) == 4  # every mapping is another manifest identity
     # --group-column is the speaker role: the same mapping, the same hash
@@ -71,7 +82,7 @@ def test_mapping_gives_segments_speaker_label_id_and_changes_the_hash(onset_csv)
         read_manifest(onset_csv, columns={"start": "onset", "end": "offset", "speaker": "child_id"}).sha256
 
 
-@pytest.mark.parametrize("start,end", [("start_s", "end_s"), ("onset", "offset"), ("xmin", "xmax"), ("begin", "stop"),
+@pytest.mark.parametrize("start,end", [("start_s", "end_s"), ("word_onset", "word_offset"), ("xmin", "xmax"), ("begin", "stop"),
                                        ("tmin", "tmax"), ("start_time", "end_time"), ("Start_Time", "End_Time"),
                                        ("Onset", "Offset"), ("seg_start", "seg_end"), ("t_start", "t_end"),
                                        ("start-sec", "end-sec")])
