@@ -16,7 +16,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-    """One red line, no traceback."""
+    """One red line, no traceback (the message is printed as it is: no rich markup)."""
     from rich.markup import escape
 
     console.print(f"[bold red]error:[/] {escape(message)}")
@@ -25,10 +25,14 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 @app.command()
 def extract(
-    manifest: Path = typer.Option(..., "--manifest", "-m", help="CSV/TSV (path,label[,speaker,id,start,end,...]) or a folder-per-label directory."),
+    manifest: Path = typer.Option(..., "--manifest", "-m", help="CSV/TSV (path,label[,speaker,id,start,end,...]), a folder-per-label directory, a lhotse *.jsonl[.gz] (recordings, supervisions or cuts) or a Hugging Face dataset folder (save_to_disk)."),
     model: str = typer.Option(..., "--model", help="Alias (wavlm-base-plus), hub id, model directory, or a front end: logmel, mfcc, spectral."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Store file (default cache/<model>__<manifest>.h5)."),
     group_column: str = typer.Option("speaker", help="Manifest column holding the speaker (CV groups)."),
+    columns: Optional[str] = typer.Option(None, "--columns", help="Which manifest columns hold what: ROLE=COLUMN,... with roles path, id, label, speaker, start, end; e.g. start=onset,end=offset,speaker=child_id."),
+    manifest_format: str = typer.Option("auto", "--manifest-format", help="auto (by path), csv, folder, lhotse, hf."),
+    split: Optional[str] = typer.Option(None, "--split", help="Hugging Face DatasetDict: the split to read (default: all, with a 'split' column)."),
+    audio_cache: Optional[Path] = typer.Option(None, "--audio-cache", help="Hugging Face / lhotse audio held in memory is written here once as files (default cache/audio)."),
     layers: str = typer.Option("all", help="Layers to store: all, 0-12, 0,4,8."),
     device: str = typer.Option("auto", help="auto (cuda when present), cpu, cuda, cuda:1."),
     batch_seconds: float = typer.Option(60.0, help="Audio seconds per batch (length * clips of the longest clip)."),
@@ -63,6 +67,7 @@ def extract(
             manifest, model, out, group_column=group_column, layers=layers, device=device,
             batch_seconds=batch_seconds, dtype=dtype, crop_to_segment=crop_to_segment,
             textgrid_tier=textgrid_tier, textgrid_labels=textgrid_labels.split(",") if textgrid_labels else None,
+            columns=columns, manifest_format=manifest_format, split=split, audio_cache=audio_cache,
             shard=shard, overwrite=overwrite, encoder_options=options, console=console,
         )
     except (ManifestError, ModelNotAvailable, StoreMismatch, LockBusy, LockLost, PartialDamaged, ValueError) as exc:

@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ from rich.markup import escape
 
 from featstore.audio import AudioError, Clip, load_audio, probe_duration
 from featstore.encoders.base import Encoder
-from featstore.manifest import Manifest, Row, check_column_names, read_manifest
+from featstore.manifest import Manifest, ManifestWarning, Row, check_column_names, read_manifest
 from featstore.store import (FORMAT_VERSION, OK, PartialDamaged, StoreMismatch, StoreWriter, describe_diff,
                              discard_partial, identity_diff, open_store, partial_path, read_partial_attrs)
 from featstore.writelock import WriterLock
@@ -287,6 +288,10 @@ def extract(
     crop_to_segment: bool = False,
     textgrid_tier: str | None = None,
     textgrid_labels: Sequence[str] | None = None,
+    columns: dict[str, str] | str | None = None,
+    manifest_format: str = "auto",
+    split: str | None = None,
+    audio_cache: str | Path | None = None,
     shard: str | tuple[int, int] | None = None,
     overwrite: bool = False,
     rebuild_stale: bool = False,
@@ -307,8 +312,11 @@ def extract(
     rebuild) or ``rebuild_stale`` (rebuild when different): the new store is built aside and
     replaces the old one only when complete. An unfinished run of the same command is resumed.
     ``on_batch(i)`` is called after the i-th batch of this call is committed (progress, tests).
+    ``columns``, ``manifest_format``, ``split`` and ``audio_cache`` go to
+    :func:`featstore.manifest.read_manifest` (column mapping, lhotse / Hugging Face sources).
     """
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -318,7 +326,12 @@ def extract(
         man = manifest
         check_column_names(list(man.extra_columns), man.source)
     else:
-        man = read_manifest(manifest, group_column, textgrid_tier, list(textgrid_labels) if textgrid_labels else None)
+        with warnings.catch_warnings():  # shown once, on the run's console, just below
+            warnings.simplefilter("ignore", ManifestWarning)
+            man = read_manifest(manifest, group_column, textgrid_tier, list(textgrid_labels) if textgrid_labels else None,
+                                columns=columns, format=manifest_format, split=split, audio_cache=audio_cache)
+    for msg in man.warnings:
+        console.print(f"[yellow]warning:[/] {escape(msg)}")
     shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
     rows_idx = shard_rows(len(man.rows), shard_t)
     rows = [man.rows[i] for i in rows_idx]

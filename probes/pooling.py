@@ -138,62 +138,9 @@ def pool_frames(frames: np.ndarray, method: str, center_k: int = 1) -> np.ndarra
 # ---------------------------------------------------------------------------------------------
 # Spans
 # ---------------------------------------------------------------------------------------------
-def resolve_scope(store: Store, scope: str) -> str:
-    """``auto`` -> ``segment`` when any item of the store has a segment, else ``clip``."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
-    if scope != "auto":
-        return scope
-    return "segment" if bool((store.column("segment_start_frame") >= 0).any()) else "clip"
-
-
-def _ids(store: Store, mask: np.ndarray, n: int = 3) -> str:
-    ids = store.column("id")[np.flatnonzero(mask)[:n]]
-    more = int(mask.sum()) - len(ids)
-    return ", ".join(map(str, ids)) + (f" and {more} more" if more > 0 else "")
-
-
-def item_spans(store: Store, scope: str, return_fallback: bool = False) -> Any:
-    """Per item ``(start, stop)`` frame indices into the layer arrays (half-open).
-
-    ``clip``: ``[offset, offset + num_frames)``; ``segment``: ``[offset + segment_start_frame,
-    offset + segment_end_frame)``; ``auto``: see :func:`resolve_scope`. Items without frames get an
-    empty span. An empty segment (start == end) falls back to the clip's centre frame, with a
-    warning that counts them; ``return_fallback=True`` also returns that boolean mask.
-    """
-    scope = resolve_scope(store, scope)
-    offset = store.column("offset").astype(np.int64)
-    nfr = store.column("num_frames").astype(np.int64)
-    start, stop = offset.copy(), offset + nfr
-    fallback = np.zeros(len(offset), dtype=bool)
-    live = nfr > 0
-    if scope == "segment":
-        seg_s = store.column("segment_start_frame").astype(np.int64)
-        seg_e = store.column("segment_end_frame").astype(np.int64)
-        missing = live & ((seg_s < 0) | (seg_e < 0))
-        if missing.any():
-            raise ValueError(
-                f"scope 'segment': {int(missing.sum())} of {int(live.sum())} items with frames have no "
-                f"segment ({_ids(store, missing)}); pool them with scope 'clip'"
-            )
-        bad = live & ((seg_e < seg_s) | (seg_e > nfr))
-        if bad.any():
-            raise ValueError(
-                f"{int(bad.sum())} items have a segment outside their frames ({_ids(store, bad)}); "
-                "run `featstore check` on the store"
-            )
-        start = np.where(live, offset + seg_s, offset)
-        stop = np.where(live, offset + seg_e, offset)
-        fallback = live & (seg_e == seg_s)
-        if fallback.any():
-            centre = offset[fallback] + (nfr[fallback] - 1) // 2
-            start[fallback], stop[fallback] = centre, centre + 1
-            warnings.warn(
-                f"{int(fallback.sum())} items have an empty segment ({_ids(store, fallback)}); "
-                "they are pooled over their clip's centre frame",
-                stacklevel=2,
-            )
-    return (start, stop, fallback) if return_fallback else (start, stop)
+# spans live in featstore (the store's reader side), shared with featstore.torchdata
+from featstore.spans import describe_rows as _ids  # noqa: E402
+from featstore.spans import item_spans, resolve_scope  # noqa: E402,F401 - part of this module's API
 
 
 def scope_summary(store: Store, scope: str = "auto") -> dict[str, Any]:
