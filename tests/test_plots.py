@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.container import BarContainer, ErrorbarContainer
@@ -327,3 +326,28 @@ def test_analysis_legends_and_titles(run):
         assert {"label", "label (shuffled)", "group", "group (shuffled)"} <= set(texts), texts
     ax = data_axes(figs["similarity_trained_control_cka.png"])[0]
     assert f"control [{CONTROL_LABEL}]" in ax.get_title() and f"control [{CONTROL_LABEL}]" in ax.get_xlabel()
+
+
+def test_one_layer_store_beside_multi_layer_ones(tmp_path, monkeypatch):
+    """A log-Mel-like one-layer store in a sweep with a 5-layer control: a labelled point at its
+    layer and a dotted line across, never a second layer axis."""
+    ctl = write_store(tmp_path / "whisper.h5", list(range(5)), CONTROL, cue={}, seed=11)
+    mel = write_store(tmp_path / "logmel.h5", [0], cue={0: 1.5}, seed=12)
+    figures = catch_figures(monkeypatch)
+    res = run_sweep([ctl, mel], probes=("logreg",), poolings=("mean",), class_weights=("none",), cv=3, n_jobs=1,
+                    out_dir=tmp_path / "s", n_boot=20, nested="off", progress=False, quiet=True)
+    write_report(res.out_dir)
+    (ax,) = data_axes(figures["stores.png"])
+    assert_layer_axis(ax, list(range(5)))
+    assert line_xs(ax) == [[0.0, 1.0, 2.0, 3.0, 4.0]]  # the control's curve only
+    point = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(point) == 1 and list(point[0].lines[0].get_xdata()) == [0.0]
+    mel_bacc = res.summary.query("store == 'logmel' and probe == 'logreg'")["balanced_accuracy_mean"].iloc[0]
+    across = [l for l in ax.get_lines() if l.get_transform() is not ax.transData and l.get_linestyle() == ":"]
+    assert len(across) == 1 and across[0].get_ydata()[0] == pytest.approx(mel_bacc)
+    assert f"{mel_bacc:.2f}" in [t.get_text() for t in ax.texts]
+    texts = legend_texts(figures["stores.png"])
+    assert "logmel (one layer: 0)" in texts and "whisper [random-init control] (best per layer)" in texts
+    # the one-layer store's own per-layer figure is a point, not a dot on a layer axis
+    (own,) = data_axes(figures["layers_logmel.png"])
+    assert own.get_xlim()[1] - own.get_xlim()[0] >= 0.9 and labelled_ticks(own) == ["logreg/mean"]
