@@ -55,7 +55,7 @@ def _print_summary(res) -> None:
     p = res.profile
     table = Table(title="best layer per method and target", show_lines=False)
     for col in ("store", "method", "target", "layer", "score [95% CI]", "shuffled"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "store")
     real, floor = p[~p.shuffled], p[p.shuffled]
     for (store, method, tgt), e in real.groupby(["store", "method", "target"], sort=False):
         if not e.score.notna().any():
@@ -63,8 +63,8 @@ def _print_summary(res) -> None:
         best = e.loc[e.score.idxmax()]
         f = floor[(floor.store == store) & (floor.method == method) & (floor.target == tgt)
                   & (floor.layer == best.layer)]
-        table.add_row(escape(str(store)), method, escape(str(tgt)), str(int(best.layer)),
+        table.add_row(escape(res.label(str(store))), method, escape(str(tgt)), str(int(best.layer)),
                       f"{best.score:.3f} [{best.ci_low:.3f}, {best.ci_high:.3f}]",
                       f"{f.score.iloc[0]:.3f}" if len(f) else "-")
     console.print(table)
-    console.print(f"[green]wrote[/] {len(res.files)} files to {escape(str(res.out))} (profile.csv, analysis.md, plots)")
+    console.print(f"[green]wrote[/] {len(res.files)} files to {escape(str(res.out))} (profile.csv, analysis.md, report.html, plots)")

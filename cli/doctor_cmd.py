@@ -39,5 +39,6 @@ def doctor(
     out_console.print(summary_table(report))
     verdict = (f"[bold red]{len(report.failed)} step(s) failed[/]: " + ", ".join(s.name for s in report.failed)
                if report.failed else "[green]no step failed[/]")
-    out_console.print(f"{verdict}; report: {report.out_dir / 'doctor.md'}", highlight=False)
+    out_console.print(f"{verdict}; report: {report.out_dir / 'doctor.md'} and {report.out_dir / 'report.html'}",
+                      highlight=False)
     raise typer.Exit(report.exit_code)

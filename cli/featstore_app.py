@@ -266,7 +266,7 @@ def demo(
         run_sweep(stores, scope=scope, poolings=("mean", "stats"), probes=("logreg",),
                   class_weights=("none", "balanced"), cv=5, n_jobs=n_jobs, out_dir=sweep_dir)
         write_report(sweep_dir)
-    Console().print(f"[green]done[/]: stores in {out / 'stores'}, reports in {out}/sweep-segment/report.md and {out}/sweep-clip/report.md")
+    Console().print(f"[green]done[/]: stores in {out / 'stores'}, reports in {out}/sweep-segment/ and {out}/sweep-clip/ (report.md, report.html)")
 
 
 from .finetune_cmd import finetune  # noqa: E402 - command module registers on this app

@@ -39,7 +39,7 @@ def sweep(
     backend: str = typer.Option("loky", help="joblib backend (loky, threading, dask...)."),
     scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address (tcp://host:8786): run cells on that cluster."),
     n_boot: int = typer.Option(1000, help="Speaker-bootstrap resamples for confidence intervals."),
-    report: bool = typer.Option(True, help="Write plots and report.md after the sweep."),
+    report: bool = typer.Option(True, help="Write plots, report.md and report.html after the sweep."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Layer x pooling x probe x class weighting, cross-validated against the baselines of the same folds."""
@@ -54,17 +54,18 @@ def sweep(
             nested=nested, inner_cv=inner_cv, scheduler=scheduler,
         )
         if report:
-            console.print(f"report: {write_report(result.out_dir)}", highlight=False)
+            md = write_report(result.out_dir)
+            console.print(f"report: {md} and {md.with_name('report.html')}", highlight=False)
 
 
 @app.command()
 def report(out_dir: Path = typer.Argument(..., help="A sweep output directory.")) -> None:
-    """Write the plots (PNG) and report.md of a finished sweep."""
+    """Write the plots (PNG), report.md and report.html (one self-contained page) of a finished sweep."""
     from probes.report import write_report
 
     with user_errors():
         path = write_report(out_dir)
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {path} and {path.with_name('report.html')}", highlight=False)
 
 
 @app.command()

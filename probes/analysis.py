@@ -21,7 +21,8 @@ training speakers; the percentile interval is shifted so that its median is the 
 constant within speakers, else across items), its mean and 2.5-97.5 % range over the permutations.
 
 Outputs of :func:`run_analysis`: ``profile.csv``, ``similarity_<a>_<b>.csv``, ``profile_<store>.png``,
-``similarity_<a>_<b>_<method>.png`` and ``analysis.md``.
+``similarity_<a>_<b>_<method>.png`` (drawn by :mod:`probes.plots`), ``analysis.md`` and the same
+report as one self-contained page, ``report.html``.
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ from threadpoolctl import threadpool_limits
 from featstore.cv import cca_folds
 from featstore.layerspec import LayerSpec, LayerSpecError, resolve_layers
 from featstore.store import OK, Store, open_store
-from probes import tables
+from probes import plots, tables
 from probes.bootstrap import centred_interval, speaker_codes, speaker_draws
+from probes.html import write_html
 from probes.names import ANALYSIS_LEVELS as LEVELS
 from probes.names import ANALYSIS_METHODS as METHODS
 from probes.names import POOLINGS, SCOPES
 from probes.pooling import item_spans, pooled_matrix, resolve_scope
+from probes.provenance import provenance_table, store_provenance
 from probes.similarity import HeldOutCCA, OneHotCKA, center, linear_cka, svd_reduce
 PROFILE_COLUMNS = ["store", "layer", "method", "target", "score", "ci_low", "ci_high", "shuffled",
                    "n_items", "n_rows", "n_speakers", "dims", "level", "pooling", "scope"]
@@ -525,69 +528,8 @@ def layer_similarity(
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots and the report
+# The report (figures: probes.plots)
 # ---------------------------------------------------------------------------------------------
-def plot_profile(profile: pd.DataFrame, store: str, path: PathLike, target: str = "label",
-                 speaker: str = "group") -> Path:
-    """Score vs layer, one panel per method, one line per target with its bootstrap band and the
-    shuffled floor (dashed); the crossover (target rising while speaker falls) is marked."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    d = profile[profile.store == store]
-    methods = [m for m in METHODS if m in set(d.method)]
-    fig = Figure(figsize=(4.2 * max(1, len(methods)), 3.6), layout="constrained")
-    axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
-    targets = list(dict.fromkeys(d.target))
-    colors = {t: f"C{i}" for i, t in enumerate(targets)}
-    for ax, method in zip(axes, methods):
-        for t in targets:
-            for shuffled in (False, True):
-                e = d[(d.method == method) & (d.target == t) & (d.shuffled == shuffled)].sort_values("layer")
-                if e.empty:
-                    continue
-                style = dict(color=colors[t], ls="--" if shuffled else "-", lw=1 if shuffled else 1.8,
-                             marker=None if shuffled else "o", ms=3,
-                             label=f"{t} (shuffled)" if shuffled else t)
-                ax.plot(e.layer, e.score, **style)
-                ax.fill_between(e.layer, e.ci_low, e.ci_high, color=colors[t], alpha=0.07 if shuffled else 0.2, lw=0)
-        layer = find_crossover(profile, store, method, target, speaker)
-        if layer is not None:
-            ax.axvline(layer, color="k", ls=":", lw=1)
-            ax.annotate("crossover", (layer, 1.0), xycoords=("data", "axes fraction"), ha="left", va="top",
-                        fontsize=8, xytext=(3, -3), textcoords="offset points")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{store} - {method}", fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("held-out CCA" if method != "cka" else "linear CKA")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_similarity(matrix: np.ndarray, path: PathLike, name_a: str, name_b: str, method: str,
-                    layers_a: Sequence[int] | None = None, layers_b: Sequence[int] | None = None) -> Path:
-    """Heatmap of a layer-to-layer similarity matrix."""
-    from matplotlib.figure import Figure
-
-    la = list(layers_a) if layers_a is not None else list(range(matrix.shape[0]))
-    lb = list(layers_b) if layers_b is not None else list(range(matrix.shape[1]))
-    fig = Figure(figsize=(1.5 + 0.32 * len(lb), 1.0 + 0.32 * len(la)), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(matrix, origin="lower", vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(lb)), [str(k) for k in lb], fontsize=7)
-    ax.set_yticks(range(len(la)), [str(k) for k in la], fontsize=7)
-    ax.set_xlabel(f"{name_b} layer")
-    ax.set_ylabel(f"{name_a} layer")
-    ax.set_title(f"{method}: {name_a} vs {name_b}", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def _fmt(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.3f}"
 
@@ -622,44 +564,97 @@ def method_notes(options: dict) -> list[str]:
     ]
 
 
-def _report(profile: pd.DataFrame, sims: dict, options: dict, files: list[Path], target: str) -> str:
-    lines = ["# Layer-wise analysis", "",
-             "Options: " + ", ".join(f"{k}={v}" for k, v in options.items()), "",
-             "SVCCA/PWCCA are held-out canonical correlations (CCA fitted on training folds, scored on "
-             "held-out items, averaged over repeated fold assignments); CKA is in-sample linear CKA. "
-             "Intervals: 95 % bootstrap over speakers (CCA refitted per draw), centred on the estimate. "
-             "Floor: the same score with the target shuffled (mean, 2.5-97.5 % over permutations).", "",
-             "## Methods and non-standard choices", ""] + [f"- {n}" for n in method_notes(options)] + [""]
+def _best_rows(profile: pd.DataFrame, store: str) -> list[dict]:
+    """Per (method, target) of one store: the best layer, its score and interval, and the
+    shuffled floor at that layer."""
+    d = profile[profile.store == store]
+    out = []
+    for (method, t), e in d[~d.shuffled].groupby(["method", "target"], sort=False):
+        if not e.score.notna().any():
+            continue
+        best = e.loc[e.score.idxmax()]
+        floor = d[d.shuffled & (d.method == method) & (d.target == t) & (d.layer == best.layer)]
+        out.append({"method": method, "target": t, "layer": int(best.layer), "score": best.score,
+                    "ci_low": best.ci_low, "ci_high": best.ci_high, "n_layers": int(e.layer.nunique()),
+                    "floor": floor.score.iloc[0] if len(floor) else float("nan"),
+                    "floor_high": floor.ci_high.iloc[0] if len(floor) else float("nan")})
+    return out
+
+
+def crossovers(profile: pd.DataFrame, store: str, target: str, speaker: str = "group") -> dict[str, int | None]:
+    """``{method: crossover layer or None}`` of one store (empty without both curves)."""
+    d = profile[profile.store == store]
+    if speaker not in set(d.target) or target not in set(d.target) or target == speaker:
+        return {}
+    return {m: find_crossover(profile, store, m, target, speaker) for m in dict.fromkeys(d.method)}
+
+
+def _headline(profile: pd.DataFrame, labels: dict[str, str], target: str) -> list[str]:
+    lines = []
+    for store in dict.fromkeys(profile.store):
+        rows = [r for r in _best_rows(profile, store) if r["target"] == target]
+        if not rows:
+            continue
+        parts = []
+        for r in rows:
+            above = "above" if r["ci_low"] > r["floor_high"] else "not clearly above"
+            parts.append(f"{r['method']} {_fmt(r['score'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] at layer "
+                         f"{r['layer']} (shuffled floor {_fmt(r['floor'])}, 97.5 % {_fmt(r['floor_high'])}: {above})")
+        lines.append(f"- **{labels.get(store, store)}**, target `{target}`: " + "; ".join(parts) + ".")
+    if lines:
+        n = max(r["n_layers"] for s in dict.fromkeys(profile.store) for r in _best_rows(profile, s))
+        lines += ["", f"What these numbers are: the best of {n} layer{'s' if n != 1 else ''} by its own score (a "
+                  "maximum over layers, not a cross-validated choice); each SVCCA/PWCCA score is itself held out, "
+                  "CKA is in sample; the baseline is the shuffled floor at that layer, and 'above' means the "
+                  "score's 95 % interval lies above the floor's 97.5 % point."]
+    return lines
+
+
+def _report(profile: pd.DataFrame, sims: dict, options: dict, files: list[Path], target: str,
+            provenance: dict[str, dict] | None = None, figures: Sequence[tuple[str, Path]] = ()) -> str:
+    """The text of ``analysis.md`` (also rendered as ``report.html``)."""
+    provenance = provenance or {}
+    labels = {name: p.get("label", name) for name, p in provenance.items()}
+    lines = ["# Layer-wise analysis", ""]
+    head = _headline(profile, labels, target)
+    if head:
+        lines += ["## Headline", ""] + head + [""]
+    lines += ["Options: " + ", ".join(f"{k}={v}" for k, v in options.items()), "",
+              "SVCCA/PWCCA are held-out canonical correlations (CCA fitted on training folds, scored on "
+              "held-out items, averaged over repeated fold assignments); CKA is in-sample linear CKA. "
+              "Intervals: 95 % bootstrap over speakers (CCA refitted per draw), centred on the estimate. "
+              "Floor: the same score with the target shuffled (mean, 2.5-97.5 % over permutations).", ""]
+    if provenance:
+        lines += ["## Stores", "", tables.markdown_table(provenance_table(provenance)), ""]
+    lines += ["## Methods and non-standard choices", ""] + [f"- {n}" for n in method_notes(options)] + [""]
     for store, notes in profile.attrs.get("notes", {}).items():
-        lines += [f"## {store}", ""] + [f"- {n}" for n in notes] + [""]
-        d = profile[profile.store == store]
-        if d.empty:
+        lines += [f"## {labels.get(store, store)}", ""] + [f"- {n}" for n in notes] + [""]
+        rows = _best_rows(profile, store)
+        if not rows:
             continue
         lines += ["| method | target | best layer | score [95% CI] | shuffled floor at that layer |",
                   "|---|---|---|---|---|"]
-        for (method, t), e in d[~d.shuffled].groupby(["method", "target"], sort=False):
-            if not e.score.notna().any():
-                continue
-            best = e.loc[e.score.idxmax()]
-            floor = d[d.shuffled & (d.method == method) & (d.target == t) & (d.layer == best.layer)]
-            fl = _fmt(floor.score.iloc[0]) if len(floor) else "-"
-            lines.append(f"| {method} | {t} | {int(best.layer)} | {_fmt(best.score)} "
-                         f"[{_fmt(best.ci_low)}, {_fmt(best.ci_high)}] | {fl} |")
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['target']} | {r['layer']} | {_fmt(r['score'])} "
+                         f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['floor']) if r['floor'] == r['floor'] else '-'} |")
         lines.append("")
-        if "group" in set(d.target) and target in set(d.target) and target != "group":
-            for method in dict.fromkeys(d.method):
-                layer = find_crossover(profile, store, method, target, "group")
-                lines.append(f"- {method}: " + (f"crossover at layer {layer} ({target} rising above the speaker "
-                                                 "while the speaker score falls)" if layer is not None
-                                                 else "no crossover of the target and speaker curves"))
+        for method, layer in crossovers(profile, store, target).items():
+            lines.append(f"- {method}: " + (f"crossover at layer {layer} ({target} rising above the speaker "
+                                             "while the speaker score falls)" if layer is not None
+                                             else "no crossover of the target and speaker curves"))
+        if crossovers(profile, store, target):
             lines.append("")
     if sims:
         lines += ["## Layer-to-layer similarity", ""]
         for (a, b, method), (m, _, _) in sims.items():
             diag = np.diag(m) if m.shape[0] == m.shape[1] else np.array([])
             extra = f", mean diagonal {_fmt(float(np.nanmean(diag)))}" if diag.size else ""
-            lines.append(f"- {method} {a} vs {b}: {m.shape[0]} x {m.shape[1]} layers{extra}")
+            lines.append(f"- {method} {labels.get(a, a)} vs {labels.get(b, b)}: {m.shape[0]} x {m.shape[1]} layers{extra}")
         lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        for title, path in figures:
+            lines += [f"### {title}", "", tables.markdown_image(title, Path(path).name), ""]
     lines += ["## Files", ""] + [f"- `{f.name}`" for f in files] + [""]
     return "\n".join(lines)
 
@@ -670,6 +665,11 @@ class AnalysisResult:
     similarity: dict  # (name_a, name_b, method) -> (matrix, layers_a, layers_b)
     out: Path
     files: list[Path]
+    #: store name -> provenance (:mod:`probes.provenance`; ``label`` names controls and padded stores)
+    stores: dict = field(default_factory=dict)
+
+    def label(self, name: str) -> str:
+        return self.stores.get(name, {}).get("label", name)
 
 
 def default_out(paths: Sequence[PathLike]) -> Path:
@@ -705,11 +705,16 @@ def run_analysis(
     profile = layer_profile(paths, target, nuisances, methods, level, pooling, scope, layers, n_boot, n_shuffle,
                             seed=seed, n_jobs=n_jobs, log=log)
     names = store_names(paths)
-    written = []
+    prov = {name: store_provenance(p, name) for name, p in zip(names, paths)}
+    labels = {name: prov[name]["label"] for name in names}
+    written, figures = [], []
     written.append(tables.write_csv(profile, out / "profile.csv"))
     for name in names:
         if (profile.store == name).any():
-            written.append(plot_profile(profile, name, out / f"profile_{name}.png", target))
+            fig = plots.plot_analysis_profile(profile, name, out / f"profile_{name}.png", labels[name],
+                                              crossovers(profile, name, target))
+            written.append(fig)
+            figures.append((f"Layer profile — {labels[name]}", fig))
     pairs = [(0, j) for j in range(1, len(paths))] + [(i, i) for i in range(len(paths))]
     sims: dict = {}
     for i, j in pairs:
@@ -722,14 +727,18 @@ def run_analysis(
             sims[(names[i], names[j], method)] = (m, la, lb)
             rows += [dict(method=method, layer_a=x, layer_b=y, score=float(m[r, c]))
                      for r, x in enumerate(la) for c, y in enumerate(lb)]
-            written.append(plot_similarity(m, out / f"similarity_{names[i]}_{names[j]}_{method}.png",
-                                           names[i], names[j], method, la, lb))
+            fig = plots.plot_similarity(m, out / f"similarity_{names[i]}_{names[j]}_{method}.png",
+                                        labels[names[i]], labels[names[j]], method, la, lb)
+            written.append(fig)
+            figures.append((f"{method}: {labels[names[i]]} vs {labels[names[j]]}", fig))
         written.append(tables.write_csv(pd.DataFrame(rows, columns=["method", "layer_a", "layer_b", "score"]),
                                         out / f"similarity_{names[i]}_{names[j]}.csv"))
     options = dict(target=target, nuisances=",".join(nuisances), methods=",".join(methods), level=level,
                    pooling=pooling if level == "pooled" else "-", scope=scope, n_boot=n_boot, n_shuffle=n_shuffle,
                    seed=seed, keep=KEEP, max_dims="auto", n_splits=N_SPLITS, n_repeats=N_REPEATS)
-    report = out / "analysis.md"
-    written.append(report)
-    tables.write_text(_report(profile, sims, options, written, target), report)
-    return AnalysisResult(profile, sims, out, written)
+    report, page = out / "analysis.md", out / "report.html"
+    written += [report, page]
+    text = _report(profile, sims, options, written, target, prov, figures)
+    tables.write_text(text, report)
+    write_html(text, page, "Layer-wise analysis — " + ", ".join(labels.values()))
+    return AnalysisResult(profile, sims, out, written, prov)

@@ -55,3 +55,67 @@ def check_names(values, allowed, what: str) -> tuple[str, ...]:
         if v not in allowed:
             raise ValueError(f"unknown {what} {v!r}; use one or more of {', '.join(allowed)}")
     return values
+
+
+# ---------------------------------------------------------------------------------------------
+# What kind of store a result comes from: trained and padding-exact, a control, a padded recipe
+# ---------------------------------------------------------------------------------------------
+#: the ``control`` root attribute of a store extracted with seeded random weights
+#: (``featstore extract --random-init SEED``, seed in ``random_init_seed``)
+RANDOM_INIT = "random-init"
+
+
+def _false(value) -> bool:
+    """An attribute that says no (``False``, ``0``, ``"false"``); absent/None is not a no."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in ("false", "0", "no")
+    try:
+        return not bool(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _seconds(value) -> str:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{s:.1f}" if round(s, 1) == s else f"{s:g}"
+
+
+def store_tags(attrs) -> list[str]:
+    """What sets a store apart from a trained, padding-exact one, in words: ``"random-init
+    control"`` (root attribute ``control = "random-init"``; another non-empty ``control`` value
+    is named as ``"<value> control"``) and ``"padded to 1.0 s"`` (``padding_exact = False`` with
+    the ``padding_recipe`` JSON; ``", padding kept"`` when its padded frames were stored; ``"not
+    padding-exact"`` when no recipe is recorded). Empty for a trained, padding-exact store."""
+    import json
+
+    attrs = attrs or {}
+    tags = []
+    control = str(attrs.get("control") or "").strip()
+    if control:
+        tags.append("random-init control" if control == RANDOM_INIT else f"{control} control")
+    if _false(attrs.get("padding_exact")):
+        recipe = attrs.get("padding_recipe")
+        if isinstance(recipe, (str, bytes)):
+            try:
+                recipe = json.loads(recipe)
+            except ValueError:
+                recipe = None
+        if isinstance(recipe, dict) and recipe.get("pad_seconds") is not None:
+            tag = f"padded to {_seconds(recipe['pad_seconds'])} s"
+            tags.append(tag + (", padding kept" if recipe.get("keep_padding") and not _false(recipe.get("keep_padding")) else ""))
+        else:
+            tags.append("not padding-exact")
+    return tags
+
+
+def store_label(name: str, attrs=None) -> str:
+    """The one name of a store in every table, legend and title: its short name plus its tags
+    (:func:`store_tags`) in brackets, e.g. ``whisper [random-init control]``, ``wavlm [padded to
+    1.0 s]``; just ``name`` for a trained, padding-exact store."""
+    tags = store_tags(attrs)
+    return f"{name} [{'; '.join(tags)}]" if tags else str(name)

@@ -52,6 +52,8 @@ from probes.bootstrap import bootstrap_ci, bootstrap_confusions
 from probes.names import (BASELINES, CLASS_WEIGHTS, DEFAULT_CLASS_WEIGHTS, DEFAULT_POOLINGS, DEFAULT_PROBES,
                           ID_COLUMNS, NESTED_MODES, POOLINGS, PROBES, SCOPES, SELF_POOLING, check_names,
                           probe_input_kind)
+from probes.provenance import labels as provenance_labels
+from probes.provenance import store_provenance
 
 __all__ = ["run_sweep", "Sweep", "SweepConfig", "SweepResult", "SweepError", "Config", "parse_layers",
            "fit_cell", "nested_plan", "store_identity", "zscore_by_group", "PROBES", "CLASS_WEIGHTS",
@@ -969,6 +971,8 @@ class Sweep:
         tables.write_csv(res.inner, out / "inner_folds.csv")
         tables.write_csv(pd.concat([d.fold_info for d in datas], ignore_index=True), out / "fold_info.csv")
         tables.write_json(res.best, out / "best.json")
+        self.provenance = {d.name: store_provenance(d.path, d.name) for d in datas}
+        tables.write_json(self.provenance, out / "stores.json")
         settings = {k: v for k, v in asdict(self.cfg).items()}
         settings["stores"] = [str(p) for p in self.cfg.stores]
         settings["classes"] = {d.name: d.classes for d in datas}
@@ -977,19 +981,22 @@ class Sweep:
     def _print(self, res: SweepResult) -> None:
         if self.cfg.quiet:
             return
+        from rich.markup import escape
         from rich.table import Table
 
         s = res.summary
         probes_only = s[~s["probe"].isin(BASELINES)].sort_values(
             ["balanced_accuracy_mean", "config"], ascending=[False, True]).head(self.cfg.top)
-        multi = s["store"].nunique() > 1
+        labels = provenance_labels(self.provenance)
+        # the store column whenever there are several stores or one is a control / padded store
+        multi = s["store"].nunique() > 1 or any(labels[n] != n for n in labels)
         table = Table(title=f"Best configurations (balanced accuracy, {self.cfg.cv}-fold speaker-grouped CV)")
         cols = (["store"] if multi else []) + ["layer", "scope", "pooling", "probe", "weights", "bacc", "95% CI",
                                                "macro-F1", "AUC", "majority", "chance"]
         for c in cols:
             table.add_column(c, justify="right" if c in ("layer", "bacc", "95% CI", "macro-F1", "AUC", "majority", "chance") else "left")
         for _, r in probes_only.iterrows():
-            cells = ([r["store"]] if multi else []) + [
+            cells = ([escape(labels.get(r["store"], r["store"]))] if multi else []) + [
                 str(r["layer"]), r["scope"], r["pooling"], r["probe"], r["class_weight"],
                 f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f}",
                 f"{r.get('bacc_ci_low', np.nan):.3f}-{r.get('bacc_ci_high', np.nan):.3f}",
@@ -997,15 +1004,17 @@ class Sweep:
                 f"{r['majority_bacc']:.3f}", f"{r['chance_bacc']:.3f}"]
             table.add_row(*cells)
         self.console.print(table)
-        for line in headline_lines(res.best):
+        for line in headline_lines(res.best, labels):
             self.console.print(line, highlight=False, markup=False)
         self.console.print(f"results in {res.out_dir} ({res.n_fitted} cells fitted, {res.n_cached} reused)", highlight=False)
 
 
-def headline_lines(best: dict) -> list[str]:
-    """The printed headline: what was selected how, the not-nested and naive numbers beside it."""
+def headline_lines(best: dict, labels: dict[str, str] | None = None) -> list[str]:
+    """The printed headline: what was selected how, the not-nested and naive numbers beside it;
+    stores named by ``labels`` (:func:`probes.names.store_label`) where given."""
     if "naive_best" not in best:
         return []
+    labels = labels or {}
     lines = []
 
     def one(prefix: str, entry: dict) -> None:
@@ -1015,15 +1024,17 @@ def headline_lines(best: dict) -> list[str]:
             lines.append(f"{prefix}  for comparison, {o['description']}: {o['bacc']:.3f}")
 
     if "headline" in best:
-        one("", best)
+        names = best["headline"].get("stores") or list(best.get("per_store", {}))
+        tagged = any(labels.get(n, n) != n for n in names)
+        one(", ".join(labels.get(n, n) for n in names) + ": " if tagged else "", best)
     for name, entry in best.get("per_store", {}).items():
         if "headline" not in best or len(best["per_store"]) > 1:
-            one(f"{name}: ", entry)
+            one(f"{labels.get(name, name)}: ", entry)
     if best.get("headline_note"):
         lines.append(f"note: {best['headline_note']}")
     nb = best["naive_best"]
     lines.append(f"naive best {nb['balanced_accuracy_mean']:.3f} ({nb['config']}; chosen on the folds that score "
-                 "it, so optimistic); " + "; ".join(f"{st}: majority {v['majority_bacc']:.3f}, chance "
+                 "it, so optimistic); " + "; ".join(f"{labels.get(st, st)}: majority {v['majority_bacc']:.3f}, chance "
                                                    f"{v['chance_bacc']:.3f}" for st, v in best["baselines"].items()))
     return lines
 

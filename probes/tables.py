@@ -94,3 +94,9 @@ def fmt(value: Any, digits: int = 3, missing: str = "–") -> str:
     except (TypeError, ValueError):
         return str(value)
     return missing if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def markdown_image(alt: str, target: str) -> str:
+    """``![alt](target)`` with the brackets of ``alt`` escaped (store labels hold ``[...]``)."""
+    alt = str(alt).replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
+    return f"![{alt}]({target})"

@@ -181,7 +181,8 @@ def test_cli_writes_table_plots_and_report(store, tmp_path):
                                       "--n-shuffle", "2", "--layers", "0-3", "--n-jobs", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["analysis.md", "profile.csv", "profile_structured.png", "similarity_structured_structured.csv",
+    assert files == ["analysis.md", "profile.csv", "profile_structured.png", "report.html",
+                     "similarity_structured_structured.csv",
                      "similarity_structured_structured_cka.png", "similarity_structured_structured_pwcca.png",
                      "similarity_structured_structured_svcca.png"]
     table = pd.read_csv(out / "profile.csv")
