@@ -1,6 +1,6 @@
 """Kill-stress test of `featstore extract`: random kills of a real extraction process, then resume.
 
-Each trial starts the real command (``python -m cli.featstore_app extract ...``) on the same
+Each trial starts the real command (``python -m featstore_cli.featstore_app extract ...``) on the same
 clips, kills it at a random moment (SIGKILL mostly, as an out-of-memory kill or ``kill -9``
 would; some SIGTERM, some SIGINT = Ctrl-C), in some trials kills the resumed run a second time,
 then runs the same command to the end and compares the
@@ -58,7 +58,7 @@ def tiny_wavlm(out: Path) -> Path:
 
 
 def command(manifest: Path, model: Path, out: Path, batch_seconds: float) -> list[str]:
-    return [sys.executable, "-m", "cli.featstore_app", "extract", "--manifest", str(manifest), "--model", str(model),
+    return [sys.executable, "-m", "featstore_cli.featstore_app", "extract", "--manifest", str(manifest), "--model", str(model),
             "--out", str(out), "--batch-seconds", str(batch_seconds)]
 
 

@@ -780,8 +780,6 @@ def _short(value: Any, n: int = 80) -> str:
 CHUNK_BYTES = 64 << 20
 
 #: root attributes and ``items/`` columns that define a store's content identity
-_IDENTITY_ATTRS = ("format_version", "encoder", "encoder_revision", "encoder_config", "manifest_sha256",
-                   "created_at", "num_layers", "dtype", "sample_rate")
 _IDENTITY_COLUMNS = ("id", "label", "group", "status", "num_frames", "offset", "segment_start_frame",
                      "segment_end_frame", "sha256")
 
@@ -872,8 +870,10 @@ class Store:
         return pd.DataFrame({name: self.column(name) for name in self.h5["items"].keys()})
 
     def identity(self) -> str:
-        """Hash of the store's content identity: provenance attributes, the ``items/`` columns that
-        place and label frames, and the layer shapes (computed once per open store).
+        """Hash of the store's content identity: every root attribute (provenance, settings, the
+        control / padding-recipe labels), the ``items/`` columns that place and label frames, each
+        layer's shape and its first and last frame (computed once per open store; two reads per
+        layer, whatever the store's size).
 
         Caches derived from the store (pooled vectors, sweep cells) are keyed by it; re-extracting a
         store changes ``created_at`` and therefore the identity. A legacy ``pooled/`` group in the
@@ -882,15 +882,18 @@ class Store:
         if self._identity is None:
             import hashlib
 
-            attrs = self.attrs
             h = hashlib.sha256()
-            h.update(json.dumps({k: str(attrs.get(k)) for k in _IDENTITY_ATTRS}, sort_keys=True).encode())
+            h.update(json.dumps({k: str(_norm(v)) for k, v in self.h5.attrs.items()}, sort_keys=True).encode())
             for col in _IDENTITY_COLUMNS:
                 if col in self.h5["items"]:
                     h.update(col.encode())
                     h.update("\x1f".join(map(str, self.column(col))).encode())
             for name in sorted(self.h5["layers"]):
-                h.update(f"{name}:{self.h5['layers'][name].shape}".encode())
+                ds = self.h5["layers"][name]
+                h.update(f"{name}:{ds.shape}:{ds.dtype}".encode())
+                if ds.shape[0]:
+                    h.update(np.ascontiguousarray(ds[0]).tobytes())
+                    h.update(np.ascontiguousarray(ds[ds.shape[0] - 1]).tobytes())
             self._identity = h.hexdigest()
         return self._identity
 
@@ -1048,19 +1051,6 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
         h5.close()
         raise ValueError(f"{path} has format_version {version}; this featstore reads version {FORMAT_VERSION}")
     return Store(path, h5)
-
-
-def write_pooled(path: str | os.PathLike, key: str, k: int, values: np.ndarray) -> None:
-    """Deprecated: writes ``pooled/<key>/NN`` into a finished store, which must stay immutable.
-
-    Nothing in ``featstore`` or ``probes`` calls it any more (pooled caches live beside the store,
-    ``probes.cache``); it is kept only so that older callers and tests still run, and will go.
-    """
-    with h5py.File(path, "a") as h5:
-        name = f"pooled/{key}/{layer_name(k)}"
-        if name in h5:
-            del h5[name]
-        h5.create_dataset(name, data=np.asarray(values, dtype=np.float32))
 
 
 def check_store(path: str | os.PathLike) -> list[str]:

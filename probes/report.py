@@ -115,6 +115,9 @@ def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
     best = _best(out_dir, folds)
     ranked = probes_only.sort_values(["balanced_accuracy_mean", "config"], ascending=[False, True])
     top_row = ranked.iloc[0]
+    naive = best.get("naive_best") or {}
+    if naive.get("config") in set(ranked["config"]):  # the sweep's choice (controls are never it)
+        top_row = ranked[ranked["config"] == naive["config"]].iloc[0]
     stores = list(dict.fromkeys(summary["store"]))
     prov = sweep_provenance(out_dir, stores)
     labels = provenance_labels(prov)
@@ -153,6 +156,9 @@ def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
         lines += _headline_lines(best, baselines, labels)
     if best.get("headline_note"):
         lines += ["", f"Note: {best['headline_note']}."]
+    if best.get("headline_excludes"):
+        lines += ["", "Note: the headline and the naive best are chosen among trained, padding-exact stores only; "
+                  + ", ".join(labels.get(n, n) for n in best["headline_excludes"]) + " are shown beside them."]
     if "headline" not in best or len(best["per_store"]) > 1:
         for st, entry in best["per_store"].items():
             lines += ["", f"### {labels.get(st, st)}", ""] + _headline_lines(entry, baselines, labels)

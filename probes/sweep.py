@@ -51,7 +51,7 @@ from probes import tables
 from probes.bootstrap import bootstrap_ci, bootstrap_confusions
 from probes.names import (BASELINES, CLASS_WEIGHTS, DEFAULT_CLASS_WEIGHTS, DEFAULT_POOLINGS, DEFAULT_PROBES,
                           ID_COLUMNS, NESTED_MODES, POOLINGS, PROBES, SCOPES, SELF_POOLING, check_names,
-                          probe_input_kind)
+                          probe_input_kind, store_tags)
 from probes.provenance import labels as provenance_labels
 from probes.provenance import store_provenance
 
@@ -240,6 +240,7 @@ class StoreData:
     fold_info: pd.DataFrame
     fit_groups: np.ndarray | None = None
     inner: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)
+    tags: tuple[str, ...] = ()  # what sets it apart from a trained, padding-exact store (names.store_tags)
 
     def fold_signature(self) -> tuple:
         """The item ids of every outer test fold and inner fold: equal signatures = identical folds."""
@@ -318,7 +319,7 @@ def _prepare_store(path: Path, cfg: SweepConfig, notes: list[str]) -> StoreData:
             scope=scope, rows=rows, ids=store.column("id")[rows], labels=lab, groups=groups,
             classes=[str(c) for c in classes], y=y.astype(np.int64), folds=folds, layers=layers,
             layer_dims=dims, fold_info=describe_folds(folds, lab, groups).assign(store=name),
-            fit_groups=fit_groups(groups), inner=inner,
+            fit_groups=fit_groups(groups), inner=inner, tags=tuple(store_tags(store.attrs)),
         )
 
 
@@ -929,7 +930,12 @@ class Sweep:
                                           "not_nested_because": self.plan.reason or None}}
         if not len(probes_only):
             return out
-        top = probes_only.sort_values(["balanced_accuracy_mean", "config"], ascending=[False, True]).iloc[0]
+        # controls and padded-recipe stores are compared, never chosen as the headline or naive best
+        tagged = {sd.name for sd in datas if sd.tags}
+        candidates = probes_only[~probes_only["store"].isin(tagged)]
+        if not len(candidates):
+            candidates = probes_only
+        top = candidates.sort_values(["balanced_accuracy_mean", "config"], ascending=[False, True]).iloc[0]
         out["naive_best"] = _jsonable(top.to_dict())
         out["baselines"] = {s: {"majority_bacc": float(g["majority_bacc"].iloc[0]),
                                 "chance_bacc": float(g["chance_bacc"].iloc[0])}
@@ -944,7 +950,12 @@ class Sweep:
                                          "naive_best_config": st["config"],
                                          "naive_best_bacc": float(st["balanced_accuracy_mean"])}
         # one headline across the stores only where their folds are identical
-        sigs = {sd.name: sd.fold_signature() for sd in datas if sd.name in out["per_store"]}
+        scored = [sd for sd in datas if sd.name in out["per_store"]]
+        trained = [sd for sd in scored if not sd.tags]
+        if trained and len(trained) < len(scored):
+            out["headline_excludes"] = [sd.name for sd in scored if sd.tags]
+            scored = trained
+        sigs = {sd.name: sd.fold_signature() for sd in scored}
         names = list(sigs)
         if len(names) == 1:
             h = out["per_store"][names[0]]
@@ -1032,6 +1043,9 @@ def headline_lines(best: dict, labels: dict[str, str] | None = None) -> list[str
             one(f"{labels.get(name, name)}: ", entry)
     if best.get("headline_note"):
         lines.append(f"note: {best['headline_note']}")
+    if best.get("headline_excludes"):
+        lines.append("note: the headline and the naive best are chosen among trained, padding-exact stores only; "
+                     + ", ".join(labels.get(n, n) for n in best["headline_excludes"]) + " are shown beside them")
     nb = best["naive_best"]
     lines.append(f"naive best {nb['balanced_accuracy_mean']:.3f} ({nb['config']}; chosen on the folds that score "
                  "it, so optimistic); " + "; ".join(f"{labels.get(st, st)}: majority {v['majority_bacc']:.3f}, chance "

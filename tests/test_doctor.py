@@ -234,7 +234,7 @@ def test_padding_dominated_frames_fail_padding_step(tmp_path):
 
 def test_stale_pooled_cache_fails_padding_step(tmp_path):
     path = healthy(tmp_path / "h.h5")
-    from featstore.store import open_store, write_pooled
+    from featstore.store import open_store
     from probes.pooling import pooled_matrix
 
     with open_store(path) as st:
@@ -420,7 +420,6 @@ def test_doctor_reads_a_read_only_store_and_never_writes_it(tmp_path):
     import os
     import stat
 
-    from featstore.store import write_pooled
 
     path = healthy(tmp_path / "ro" / "h.h5")
     write_pooled(path, "clip-mean", 1, np.zeros((180, 16), dtype=np.float32))  # a stale cache to check
@@ -482,3 +481,12 @@ def test_paired_speaker_bootstrap_of_a_difference():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
     assert 0 < lo < hi
     assert paired_bootstrap_diff(y, a, a, groups, 3, n_boot=50) == (0.0, 0.0)
+
+
+def write_pooled(path, key: str, k: int, values) -> None:
+    """A legacy in-file ``pooled/<key>/NN`` group, as stores written before the sidecar cache
+    hold it (the library itself never writes into a finished store)."""
+    import h5py
+
+    with h5py.File(path, "a") as h5:
+        h5.create_dataset(f"pooled/{key}/{k:02d}", data=np.asarray(values, dtype=np.float32))

@@ -142,7 +142,8 @@ def test_sweep_report_html(run):
     h = best["headline"]
     assert h["method"] == "nested"
     assert f"Nested-CV balanced accuracy: {fmt(h['bacc'])}" in page.text
-    assert "true nested CV: the configuration is chosen among 18 configurations by 3-fold inner CV" in page.text
+    assert "true nested CV: the configuration is chosen among 6 configurations by 3-fold inner CV" in page.text
+    assert "chosen among trained, padding-exact stores only" in page.text  # the control and the padded store are not candidates
     assert "selection on other outer folds — not nested" in page.text
     for store, b in best["baselines"].items():
         label = {"control": CONTROL_NAME, "padded": PADDED_NAME}.get(store, store)

@@ -440,3 +440,47 @@ def test_too_few_speakers_for_grouped_inner_folds_is_said(tmp_path):
                     **{**FAST, "cv": 2})
     assert any("not grouped by speaker" in n for n in res.notes)
     assert res.best["headline_method"] == "nested"
+
+
+def test_controls_are_compared_but_never_the_cross_store_headline(tmp_path):
+    """A random-init control (or a padded-recipe store) of the same items sits beside the trained
+    store in every table, but the headline across stores is chosen among trained, exact stores
+    only: a control that happens to score higher must not become the reported finding."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from labelled_stores import CONTROL, write_store
+
+    trained = write_store(tmp_path / "trained.h5", [0, 1], cue={0: 0.0, 1: 0.05}, seed=1)
+    control = write_store(tmp_path / "control.h5", [0, 1], attrs=CONTROL, cue={0: 2.0, 1: 2.0}, seed=1)
+    res = run_sweep([trained, control], layers=[0, 1], poolings=["mean"], probes=["logreg"], class_weights=["none"],
+                    out_dir=tmp_path / "out", **FAST)
+    per = res.best["per_store"]
+    assert per["control"]["naive_best_bacc"] > per["trained"]["naive_best_bacc"] + 0.2  # the control does win
+    assert res.best["headline"]["stores"] == ["trained"]
+    assert {f["config"].split("|")[0] for f in res.best["headline"]["folds"]} == {"trained"}
+    assert res.best["headline_excludes"] == ["control"]
+
+
+def test_stores_that_differ_only_in_frames_never_share_cached_results(tmp_path):
+    """Two stores with identical attributes and items table but different frames (two fake stores
+    made at the same instant, or a control labelled only by an attribute) must get different
+    identities: the pooled cache and the sweep cells are keyed by it. Before the fix the identity
+    read a fixed list of attributes, the items table and the layer shapes only, and the second
+    store was scored with the first one's cached cells."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from labelled_stores import write_store
+
+    import featstore
+
+    weak = write_store(tmp_path / "a" / "weak.h5", [0], cue={0: 0.0}, seed=1)
+    strong = write_store(tmp_path / "b" / "strong.h5", [0], cue={0: 2.0}, seed=1)
+    with featstore.open(weak) as a, featstore.open(strong) as b:
+        assert a.attrs == b.attrs and a.items.equals(b.items)
+        assert a.identity() != b.identity()
+    kw = dict(layers=[0], poolings=["mean"], probes=["logreg"], class_weights=["none"], nested="off", **FAST)
+    res = run_sweep([weak, strong], out_dir=tmp_path / "out", **kw)
+    per = res.best["per_store"]
+    assert per["strong"]["naive_best_bacc"] > per["weak"]["naive_best_bacc"] + 0.3
