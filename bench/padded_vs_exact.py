@@ -12,12 +12,13 @@
 
    (``--context-seconds S`` on every one when given). With ``--wavlm`` also a base-size WavLM with
    random weights (``bench/benchutil.base_wavlm``: wavlm-base-plus's compute and preprocessing),
-   exact and padded.
+   exact, padded and padded with the padding kept.
 3. ``probes sweep`` of all stores (library: ``probes.sweep.run_sweep``; every layer, mean pooling over
    each item's stored frames, logistic regression, 5 speaker-grouped folds) and prints the per-layer
    table side by side: balanced accuracy [95 % speaker-bootstrap interval], majority and chance.
-4. ``probes doctor exact.h5 --padded padded-kept.h5`` (library: ``probes.doctor.run.run_doctor``)
-   and prints the padding-and-pooling verdict (and duration alone, step 2).
+4. ``probes doctor exact.h5 --padded padded-kept.h5`` (library: ``probes.doctor.run.run_doctor``;
+   for WavLM also ``--padded padded.h5``) and prints the padding-and-pooling verdict and the
+   confounds step (duration alone).
 
 Several minutes on 2 cores; not part of the test suite.
 
@@ -85,9 +86,9 @@ def sweep(stores: list[Path], out_dir: Path, n_boot: int, seed: int):
 
 def layer_table(summary, names: dict[str, str]) -> list[str]:
     """Per-layer markdown table: one column per store (bacc [95 % CI]) + majority and chance."""
-    s = summary[summary["probe"] == "logreg"].copy()
-    s["layer"] = s["layer"].astype(int)
     stores = list(names)
+    s = summary[(summary["probe"] == "logreg") & summary["store"].isin(stores)].copy()
+    s["layer"] = s["layer"].astype(int)
     header = ["layer", *[names[st] for st in stores], "majority", "chance"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for layer in sorted(set(s["layer"])):
@@ -167,8 +168,11 @@ def main() -> None:
         wexact, seconds["wavlm exact"] = extract_store(manifest, str(wdir), out / "wavlm.h5", [])
         wpad, seconds["wavlm padded"] = extract_store(manifest, str(wdir), out / f"wavlm.padded{pad}s.h5",
                                                       ["--emulate-padding", pad], emulate_padding=args.pad_seconds)
-        stores += [wexact, wpad]
-        pairs.append((wexact, wpad))
+        wkept, seconds["wavlm padded-kept"] = extract_store(
+            manifest, str(wdir), out / f"wavlm.padded{pad}s-kept.h5", ["--emulate-padding", pad, "--keep-padding"],
+            emulate_padding=args.pad_seconds, keep_padding=True)
+        stores += [wexact, wpad, wkept]
+        pairs += [(wexact, wpad), (wexact, wkept)]
 
     import numpy as np
 
@@ -188,8 +192,11 @@ def main() -> None:
     names = labelled(stores, res.summary)
     print(f"\nper layer: balanced accuracy [95 % speaker-bootstrap interval], mean pooling over each item's stored "
           f"frames, logreg, 5 speaker-grouped folds; {int(ok.sum())} clips, {args.speakers} speakers")
-    lines = layer_table(res.summary, names)
-    print("\n".join(lines))
+    logreg = res.summary[res.summary["probe"] == "logreg"]
+    for encoder in dict.fromkeys(logreg["encoder"]):
+        group = {k: v for k, v in names.items() if k in set(logreg.loc[logreg["encoder"] == encoder, "store"])}
+        print(f"\n{Path(str(encoder)).name}:")
+        print("\n".join(layer_table(res.summary, group)))
 
     from probes.doctor.run import run_doctor
 
