@@ -181,7 +181,10 @@ def info(
                       + (f"; recipe {json.dumps(a['padding_recipe'], sort_keys=True)}" if a.get("padding_recipe") else ""))
         audit = a.get("padding_audit") or {}
         if audit.get("max_abs"):
-            t.add_row("padding audit", f"pad to {audit['pad_seconds']} s moves frames by up to {max(audit['max_abs']):.3g} (mean {np.mean(audit['mean_abs']):.3g}) over {audit['clips']} clips")
+            what = (f"the {audit['context_seconds']:g} s context window" if audit.get("reference") == "full-30s"
+                    else f"pad to {audit.get('pad_seconds', '?')} s")
+            versus = " (vs the full 30-s window)" if audit.get("reference") == "full-30s" else ""
+            t.add_row("padding audit", f"{what} moves frames by up to {max(audit['max_abs']):.3g} (mean {np.mean(audit['mean_abs']):.3g}) over {audit['clips']} clips{versus}")
         t.add_row("dtype", str(a.get("dtype")))
         t.add_row("created", str(a.get("created_at")))
         t.add_row("extra columns", ", ".join(store.extra_columns) or "none")

@@ -325,3 +325,15 @@ def test_cli_flags_and_bad_values(gn_models, clips6, tmp_path):
                             "--out", str(tmp_path / "f.h5")])
     assert r.exit_code == 2 and "front end 'logmel' has none" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_info_on_a_whisper_context_store_quotes_its_window_audit(tiny_whisper, clips6, tmp_path):
+    # the Whisper audit compares the context window with the full one; it has no pad_seconds
+    out = tmp_path / "ctx.h5"
+    extract(clips6, str(tiny_whisper), out, encoder_options={"context_seconds": 1.0}, progress=False, audit_clips=2)
+    with featstore.open(out) as s:
+        assert s.attrs["padding_audit"]["reference"] == "full-30s"
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.replace("│", " ").split())  # the table wraps long cells
+    assert "the 1 s context window moves frames by up to" in text and "(vs the full 30-s window)" in text
