@@ -325,21 +325,28 @@ class PaddedRecipe:
     """``encoder`` with :meth:`encode` replaced by its padded path (``encoder.padded_pipeline``):
     the frames of the common recipe instead of each clip's exact ones. Everything else (geometry,
     audit, stats) is the encoder's own. Clips longer than the encoder's window are cut like any
-    other, so there is no ``max_samples`` limit."""
+    other, so there is no ``max_samples`` limit. The padded batch is run in chunks of at most
+    ``batch_seconds`` of padded audio (the plan's batches count true lengths, and 0.2-s clips padded
+    to 1 s are five times longer); each clip's padded frames do not depend on its chunk."""
 
     max_samples = None
 
-    def __init__(self, encoder: Encoder, settings: dict[str, Any]):
+    def __init__(self, encoder: Encoder, settings: dict[str, Any], batch_seconds: float = 60.0):
         self.inner = encoder
         self.settings = dict(settings)
+        self.chunk = max(1, int(float(batch_seconds) // float(settings["pad_seconds"])))
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("inner", "settings"):
+        if name in ("inner", "settings", "chunk"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
     def encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
-        return self.inner.padded_pipeline(clips, self.settings["pad_seconds"], self.settings["keep_padding"])
+        out: list[list[np.ndarray]] = []
+        for a in range(0, len(clips), self.chunk):
+            out += self.inner.padded_pipeline(clips[a : a + self.chunk], self.settings["pad_seconds"],
+                                              self.settings["keep_padding"])
+        return out
 
     def pad_frames(self) -> int:
         """Frames of a clip padded to the recipe's length (every item's count with ``keep_padding``)."""
@@ -463,7 +470,7 @@ def extract(
         padding = None
         if pad_seconds is not None:
             padding = padding_settings(encoder, pad_seconds, keep_padding)
-            encoder = PaddedRecipe(encoder, padding)
+            encoder = PaddedRecipe(encoder, padding, batch_seconds)
         layer_ids = parse_layers(layers, encoder.num_layers)
         identity = run_identity(encoder, man, dtype=dtype, layer_ids=layer_ids, crop_to_segment=crop_to_segment,
                                 shard=shard_t, rows_idx=rows_idx, padding=padding)

@@ -188,6 +188,24 @@ def test_identity_refuses_padded_for_exact_and_other_padding(gn_models, gn_store
     assert extract(clips6, model, exact, progress=False, audit_clips=0).already_done
 
 
+def test_padded_batch_is_chunked_and_chunks_do_not_change_frames(gn_models, gn_stores, clips6, tmp_path):
+    from featstore.encoders.registry import load_encoder
+    from featstore.extract import PaddedRecipe, padding_settings
+
+    enc = load_encoder(str(gn_models[False]), device="cpu")
+    settings = padding_settings(enc, PAD, False)
+    sizes = []
+    real = enc.padded_pipeline
+    enc.padded_pipeline = lambda clips, *a: sizes.append(len(clips)) or real(clips, *a)
+    clips = _clips(clips6)
+    chunked = PaddedRecipe(enc, settings, batch_seconds=1.0).encode(clips)  # 2 clips of 0.5 s per call
+    assert sizes == [2, 2, 2]
+    whole = real(clips, PAD, False)
+    for x, y in zip(chunked, whole):
+        for u, v in zip(x, y):
+            np.testing.assert_allclose(u, v, atol=1e-5)
+
+
 def test_recipe_cuts_long_clips_and_counts_them(gn_models, clips6, tmp_path):
     model = str(gn_models[True])
     res = extract(clips6, model, tmp_path / "cut.h5", emulate_padding=0.15, progress=False, audit_clips=0)
