@@ -43,6 +43,9 @@ def extract(
     textgrid_labels: Optional[str] = typer.Option(None, help="Comma-separated interval labels to take (default: all non-empty)."),
     context_seconds: Optional[float] = typer.Option(None, help="Whisper only: shortened encoder window in seconds (default: the full 30-s window)."),
     shard: Optional[str] = typer.Option(None, help="Process shard K/N of the manifest into its own file."),
+    emulate_padding: Optional[float] = typer.Option(None, "--emulate-padding", metavar="SECONDS", help="Store what the common recipe computes instead of exact frames: pad or cut every clip to SECONDS, full model on the padded batch (attention mask only where the checkpoint's feature extractor returns one), true frames cut out. Labelled padding_exact=false, recipe in padding_recipe."),
+    keep_padding: bool = typer.Option(False, "--keep-padding", help="With --emulate-padding: store the whole padded sequence (every item has the padded length), for a pipeline that pools it."),
+    random_init: Optional[int] = typer.Option(None, "--random-init", metavar="SEED", help="A control: the same architecture with seeded random weights (labelled control=random-init). SSL and Whisper models only."),
     overwrite: bool = typer.Option(False, help="Rebuild the store; the new one is built aside and replaces the old one only when complete."),
     strict: bool = typer.Option(False, help="Exit with code 1 when any item failed."),
 ) -> None:
@@ -57,6 +60,15 @@ def extract(
         fail(f"--dtype must be float32 or float16, not {dtype!r}")
     if amp not in ("fp32", "bf16", "fp16"):
         fail(f"--amp must be fp32, bf16 or fp16, not {amp!r}")
+    from featstore.extract import check_padding_options
+    from featstore.encoders.registry import check_seed
+
+    try:
+        check_padding_options(emulate_padding, keep_padding)
+        if random_init is not None:
+            check_seed(random_init)
+    except ValueError as exc:
+        fail(str(exc))
     options = {}
     if context_seconds is not None:
         options["context_seconds"] = context_seconds
@@ -68,7 +80,8 @@ def extract(
             batch_seconds=batch_seconds, dtype=dtype, crop_to_segment=crop_to_segment,
             textgrid_tier=textgrid_tier, textgrid_labels=textgrid_labels.split(",") if textgrid_labels else None,
             columns=columns, manifest_format=manifest_format, split=split, audio_cache=audio_cache,
-            shard=shard, overwrite=overwrite, encoder_options=options, console=console,
+            shard=shard, overwrite=overwrite, encoder_options=options, emulate_padding=emulate_padding,
+            keep_padding=keep_padding, random_init=random_init, console=console,
         )
     except (ManifestError, ModelNotAvailable, StoreMismatch, LockBusy, LockLost, PartialDamaged, ValueError) as exc:
         fail(str(exc))
@@ -129,7 +142,9 @@ def info(
     file: Path = typer.Argument(..., help="A store file."),
     failures: bool = typer.Option(False, "--failures", help="List every item whose status is not ok."),
 ) -> None:
-    """Model, items, layers, frames, statuses, duration quantiles, padding-exact flag."""
+    """Model, items, layers, frames, statuses, duration quantiles, padding-exact flag, control / padded recipe."""
+    import json
+
     import numpy as np
 
     import featstore
@@ -159,9 +174,17 @@ def info(
         t.add_row("groups", str(items.loc[ok & (items["group"] != ""), "group"].nunique()))
         t.add_row("segments", str(int((items["segment_start_frame"] >= 0).sum())))
         t.add_row("padding_exact", str(bool(a.get("padding_exact"))))
+        if a.get("padding_recipe") or a.get("control"):
+            from probes.names import store_tags  # the one wording of a store's tags (no model, no probe run)
+
+            t.add_row("control / recipe", "; ".join(store_tags(a)) + (f" (seed {a['random_init_seed']})" if a.get("control") else "")
+                      + (f"; recipe {json.dumps(a['padding_recipe'], sort_keys=True)}" if a.get("padding_recipe") else ""))
         audit = a.get("padding_audit") or {}
         if audit.get("max_abs"):
-            t.add_row("padding audit", f"pad to {audit['pad_seconds']} s moves frames by up to {max(audit['max_abs']):.3g} (mean {np.mean(audit['mean_abs']):.3g}) over {audit['clips']} clips")
+            what = (f"the {audit['context_seconds']:g} s context window" if audit.get("reference") == "full-30s"
+                    else f"pad to {audit.get('pad_seconds', '?')} s")
+            versus = " (vs the full 30-s window)" if audit.get("reference") == "full-30s" else ""
+            t.add_row("padding audit", f"{what} moves frames by up to {max(audit['max_abs']):.3g} (mean {np.mean(audit['mean_abs']):.3g}) over {audit['clips']} clips{versus}")
         t.add_row("dtype", str(a.get("dtype")))
         t.add_row("created", str(a.get("created_at")))
         t.add_row("extra columns", ", ".join(store.extra_columns) or "none")

@@ -259,8 +259,16 @@ def _load_encoder(model: str, device: str, options: dict[str, Any]) -> Encoder:
 
 
 def run_identity(encoder: Encoder, man: Manifest, *, dtype: str, layer_ids: Sequence[int], crop_to_segment: bool,
-                 shard: tuple[int, int] | None, rows_idx: Sequence[int]) -> dict[str, Any]:
-    """What a store must match to be reused for (or resumed by) this run."""
+                 shard: tuple[int, int] | None, rows_idx: Sequence[int],
+                 padding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a store must match to be reused for (or resumed by) this run.
+
+    ``padding``: the padded recipe's settings (``--emulate-padding``, :func:`padding_settings`); such
+    a run has ``padding_exact = False`` and ``padding_emulation`` in its identity, so a padded store
+    is never reused as an exact one, nor one padded otherwise (an exact run's identity is unchanged).
+    A random-init control differs through ``encoder_revision`` and ``control`` (from the encoder).
+    """
+    extra = {"padding_exact": False, "padding_emulation": dict(padding)} if padding is not None else {}
     return {
         **encoder.describe(),
         "manifest_sha256": man.sha256,
@@ -272,7 +280,97 @@ def run_identity(encoder: Encoder, man: Manifest, *, dtype: str, layer_ids: Sequ
         "group_column": man.group_column or "",
         "amp": getattr(encoder, "amp", None) or "fp32",
         "format_version": FORMAT_VERSION,
+        **extra,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# --emulate-padding: the common recipe as a measured store
+# ---------------------------------------------------------------------------------------------
+def check_padding_options(emulate_padding: float | None, keep_padding: bool) -> float | None:
+    """``--emulate-padding SECONDS`` (a positive, finite number) and ``--keep-padding`` (only with it)."""
+    if emulate_padding is None:
+        if keep_padding:
+            raise ValueError("--keep-padding needs --emulate-padding SECONDS (it keeps the padded frames of that recipe)")
+        return None
+    try:
+        seconds = float(emulate_padding)
+    except (TypeError, ValueError):
+        raise ValueError(f"--emulate-padding must be a number of seconds, got {emulate_padding!r}") from None
+    if isinstance(emulate_padding, bool) or not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--emulate-padding must be a positive number of seconds, got {emulate_padding!r}")
+    return seconds
+
+
+def padding_settings(encoder: Encoder, pad_seconds: float, keep_padding: bool) -> dict[str, Any]:
+    """The padded recipe's settings (identity ``padding_emulation``); ``ValueError`` when ``encoder``
+    has no padded path or ``pad_seconds`` gives no frame / does not fit its window."""
+    if not hasattr(encoder, "padded_pipeline"):
+        raise ValueError(f"--emulate-padding is not available for {type(encoder).__name__} (no padded path)")
+    n_pad = int(round(pad_seconds * encoder.sample_rate))
+    if encoder.num_frames(n_pad) == 0:
+        raise ValueError(f"--emulate-padding {pad_seconds:g} s is shorter than one frame of this encoder "
+                         f"({encoder.min_samples() / encoder.sample_rate:g} s)")
+    limit = getattr(encoder, "max_samples", None)
+    if limit and n_pad > limit:
+        raise ValueError(f"--emulate-padding {pad_seconds:g} s is longer than this encoder's window "
+                         f"({limit / encoder.sample_rate:g} s)")
+    mask = getattr(encoder, "padded_attention_mask", None)
+    if mask is None:  # SSL models: the mask where the checkpoint's feature extractor returns one
+        mask = bool(getattr(getattr(encoder, "feature_extractor", None), "return_attention_mask", False))
+    return {"pad_seconds": float(pad_seconds), "keep_padding": bool(keep_padding), "attention_mask": bool(mask)}
+
+
+class PaddedRecipe:
+    """``encoder`` with :meth:`encode` replaced by its padded path (``encoder.padded_pipeline``):
+    the frames of the common recipe instead of each clip's exact ones. Everything else (geometry,
+    audit, stats) is the encoder's own. Clips longer than the encoder's window are cut like any
+    other, so there is no ``max_samples`` limit. The padded batch is run in chunks of at most
+    ``batch_seconds`` of padded audio (the plan's batches count true lengths, and 0.2-s clips padded
+    to 1 s are five times longer); each clip's padded frames do not depend on its chunk."""
+
+    max_samples = None
+
+    def __init__(self, encoder: Encoder, settings: dict[str, Any], batch_seconds: float = 60.0):
+        self.inner = encoder
+        self.settings = dict(settings)
+        self.chunk = max(1, int(float(batch_seconds) // float(settings["pad_seconds"])))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "settings", "chunk"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        out: list[list[np.ndarray]] = []
+        for a in range(0, len(clips), self.chunk):
+            out += self.inner.padded_pipeline(clips[a : a + self.chunk], self.settings["pad_seconds"],
+                                              self.settings["keep_padding"])
+        return out
+
+    def pad_frames(self) -> int:
+        """Frames of a clip padded to the recipe's length (every item's count with ``keep_padding``)."""
+        return int(self.inner.num_frames(int(round(self.settings["pad_seconds"] * self.inner.sample_rate))))
+
+
+def _padding_recipe(writer: StoreWriter, encoder: PaddedRecipe) -> dict[str, Any]:
+    """Root attribute ``padding_recipe``: the settings, the number of ok clips the recipe cut
+    (``truncated``) and, with ``keep_padding``, every item's frame count (``frames_per_item``)."""
+    cols = writer.item_columns()
+    n_pad = int(round(encoder.settings["pad_seconds"] * encoder.sample_rate))
+    truncated = int(((cols["status"] == OK) & (cols["num_samples"] > n_pad)).sum())
+    recipe = {**encoder.settings, "truncated": truncated}
+    if encoder.settings["keep_padding"]:
+        recipe["frames_per_item"] = encoder.pad_frames()
+    return recipe
+
+
+def _variant_suffix(padding: dict[str, Any] | None, random_init: int | None) -> str:
+    """What sets a default store name apart: ``.random-init0``, ``.padded1s``, ``.padded1s-kept``."""
+    suffix = f".random-init{random_init}" if random_init is not None else ""
+    if padding is not None:
+        suffix += f".padded{padding['pad_seconds']:g}s" + ("-kept" if padding["keep_padding"] else "")
+    return suffix
 
 
 def extract(
@@ -297,6 +395,9 @@ def extract(
     rebuild_stale: bool = False,
     audit_clips: int = 8,
     encoder_options: dict[str, Any] | None = None,
+    emulate_padding: float | None = None,
+    keep_padding: bool = False,
+    random_init: int | None = None,
     progress: bool = True,
     console: Any = None,
     on_batch: Callable[[int], None] | None = None,
@@ -314,6 +415,15 @@ def extract(
     ``on_batch(i)`` is called after the i-th batch of this call is committed (progress, tests).
     ``columns``, ``manifest_format``, ``split`` and ``audio_cache`` go to
     :func:`featstore.manifest.read_manifest` (column mapping, lhotse / Hugging Face sources).
+
+    ``emulate_padding=SECONDS``: store what the common recipe computes instead (every clip padded or
+    cut to SECONDS, the full model on the padded batch, the attention mask only where the
+    checkpoint's feature extractor returns one, each clip's true frames then cut out, or with
+    ``keep_padding`` the whole padded sequence): ``padding_exact = False`` and the recipe in
+    ``padding_recipe`` (JSON: ``pad_seconds``, ``keep_padding``, ``attention_mask``, ``truncated``).
+    ``random_init=SEED``: the same architecture with seeded random weights, a control
+    (``control = "random-init"``, ``random_init_seed``, ``encoder_revision = "random-init:SEED"``).
+    Without ``out``, both get their own default name.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -322,6 +432,13 @@ def extract(
     t0 = time.perf_counter()
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    pad_seconds = check_padding_options(emulate_padding, keep_padding)
+    if random_init is not None:
+        from featstore.encoders.registry import check_seed
+
+        random_init = check_seed(random_init)
+        if isinstance(model, Encoder):
+            raise ValueError("--random-init needs a model name or directory, not a ready encoder")
     if isinstance(manifest, Manifest):
         man = manifest
         check_column_names(list(man.extra_columns), man.source)
@@ -336,14 +453,27 @@ def extract(
     rows_idx = shard_rows(len(man.rows), shard_t)
     rows = [man.rows[i] for i in rows_idx]
     name = model.name if isinstance(model, Encoder) else str(model)
-    out = Path(out) if out else default_out(name, man.source, shard_t)
+    if out:
+        out = Path(out)
+    else:
+        out = default_out(name, man.source, shard_t)
+        suffix = _variant_suffix(None if pad_seconds is None else {"pad_seconds": pad_seconds, "keep_padding": keep_padding},
+                                 random_init)
+        out = out.with_name(out.stem + suffix + out.suffix)
     with WriterLock(out, "featstore extract") as lock:
         if lock.note:
             _note(console, lock.note)
-        encoder = model if isinstance(model, Encoder) else _load_encoder(model, device, dict(encoder_options or {}))
+        options = dict(encoder_options or {})
+        if random_init is not None:
+            options["random_init"] = random_init
+        encoder = model if isinstance(model, Encoder) else _load_encoder(model, device, options)
+        padding = None
+        if pad_seconds is not None:
+            padding = padding_settings(encoder, pad_seconds, keep_padding)
+            encoder = PaddedRecipe(encoder, padding, batch_seconds)
         layer_ids = parse_layers(layers, encoder.num_layers)
         identity = run_identity(encoder, man, dtype=dtype, layer_ids=layer_ids, crop_to_segment=crop_to_segment,
-                                shard=shard_t, rows_idx=rows_idx)
+                                shard=shard_t, rows_idx=rows_idx, padding=padding)
         if out.exists():
             fields = _finished_diff(out, identity)
             if not fields and not overwrite:
@@ -372,6 +502,8 @@ def extract(
                 for attempt in (0, 1):
                     _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch,
                                  stop, lock)
+                    if padding is not None:
+                        writer.set_attrs(padding_recipe=_padding_recipe(writer, encoder))
                     writer.set_attrs(extraction_stats=_stats(writer, time.perf_counter() - t0, resumed))
                     try:
                         writer.finalize()

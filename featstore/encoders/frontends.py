@@ -82,6 +82,26 @@ class FrameFrontEnd(Encoder):
                 out.append(self._encode_one(i, clip))
         return out
 
+    #: a front end takes no attention mask
+    padded_attention_mask = False
+
+    def padded_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                        keep_padding: bool = False) -> list[list[np.ndarray]]:
+        """The padded recipe (``featstore extract --emulate-padding``): each clip cut or zero-padded
+        to ``pad_seconds``, framed as usual, then its true frames cut out (those inside the clip as
+        cut), or with ``keep_padding`` every frame of the padded signal. Frames are local, so the true
+        frames equal an exact run's except where a layer looks across frames (MFCC deltas near the
+        clip's end see padding frames instead of replicated edges)."""
+        n_pad = int(round(float(pad_seconds) * self.sample_rate))
+        if self.num_frames(n_pad) == 0:
+            raise ValueError(f"--emulate-padding {pad_seconds:g} s is shorter than one frame of {self.name} "
+                             f"({self.win / self.sample_rate:g} s)")
+        cut = [np.asarray(c)[:n_pad] for c in clips]
+        out = self.encode([np.pad(c, (0, n_pad - len(c))) for c in cut])
+        if keep_padding:
+            return out
+        return [[np.ascontiguousarray(a[: self.num_frames(len(c))]) for a in o] for o, c in zip(out, cut)]
+
     def _encode_one(self, i: int, clip: np.ndarray) -> list[np.ndarray]:
         x = np.asarray(clip)
         if x.ndim != 1:

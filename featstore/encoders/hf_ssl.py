@@ -284,6 +284,36 @@ class SSLEncoder(Encoder):
         lengths = [self.num_frames(min(len(c), n_pad)) for c in clips]
         return [[stacked[k, i, :t] for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
 
+    @torch.inference_mode()
+    def padded_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                        keep_padding: bool = False) -> list[list[np.ndarray]]:
+        """The usual recipe as it is usually written, for ``featstore extract --emulate-padding``:
+        ``feature_extractor(clips, padding="max_length", max_length=n, truncation=True)`` with the
+        checkpoint's own feature-extractor defaults — its attention mask (and with it a normalisation
+        over each clip's own samples) only where it returns one; without one, ``do_normalize``
+        normalises the padded vector, zeros included — then the full model on that batch, the mask
+        passed only when returned. Returns each clip's true frames (of the clip as cut), or with
+        ``keep_padding`` every frame of the padded input. (:meth:`common_pipeline` always asks for
+        the mask, so its normalisation can differ from this one.)"""
+        n_pad = int(round(float(pad_seconds) * self.sample_rate))
+        full = self.num_frames(n_pad)
+        if full == 0:
+            raise ValueError(f"--emulate-padding {pad_seconds:g} s is shorter than one frame of this model "
+                             f"({self.receptive_field_samples / self.sample_rate:g} s)")
+        inputs = self.feature_extractor([np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
+                                        padding="max_length", max_length=n_pad, truncation=True, return_tensors="pt")
+        kwargs = {"attention_mask": inputs["attention_mask"].to(self.device)} if "attention_mask" in inputs else {}
+        with self._autocast(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
+            out = self.model(inputs["input_values"].to(self.device), output_hidden_states=True, **kwargs)
+        stacked = torch.stack([out.hidden_states[k] for k in self.layer_ids]).float().cpu().numpy()
+        true = [self.num_frames(min(len(c), n_pad)) for c in clips]
+        self.stats["frames"] += sum(true)
+        self.stats["padded_frames"] += len(clips) * full - sum(true)
+        self.stats["batches"] += 1
+        keep = [full if keep_padding else t for t in true]
+        return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(keep)]
+
     def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
         clips = [c for c in clips if self.num_frames(len(c)) > 0][:8]
         if not clips:

@@ -103,13 +103,20 @@ def content_hash(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_encoder(name: str, device: str = "auto", **options: Any) -> Encoder:
+def load_encoder(name: str, device: str = "auto", random_init: int | None = None, **options: Any) -> Encoder:
     """Build the encoder for ``name``: a front end, an SSL model or a Whisper encoder.
 
     ``options`` are passed to the encoder (e.g. ``context_seconds`` for Whisper, front-end settings).
+    ``random_init=SEED``: the same architecture with seeded random weights, a control
+    (:func:`randomize_weights`); a front end has no weights and raises ``ValueError``.
     """
     device = pick_device(device)
+    if random_init is not None:
+        check_seed(random_init)
     if name in FRONTEND_NAMES:
+        if random_init is not None:
+            raise ValueError(f"--random-init needs a model with weights; the front end {name!r} has none "
+                             "(its features are fixed formulas): use an SSL or Whisper model")
         from featstore.encoders.frontends import make_frontend
 
         return make_frontend(name, **options)
@@ -117,18 +124,21 @@ def load_encoder(name: str, device: str = "auto", **options: Any) -> Encoder:
     import json
 
     model_type = json.loads((local / "config.json").read_text()).get("model_type", "")
+    if model_type not in (*SSL_MODEL_TYPES, "whisper"):
+        raise ModelNotAvailable(
+            f"model '{name}' has model_type '{model_type}'; supported: {', '.join(SSL_MODEL_TYPES)}, whisper, "
+            f"or a front end ({', '.join(FRONTEND_NAMES)})"
+        )
+    encoder: Encoder
     if model_type == "whisper":
         from featstore.encoders.whisper import WhisperEncoder
 
-        return WhisperEncoder(local, name=name, revision=revision, device=device, **options)
-    if model_type in SSL_MODEL_TYPES:
+        encoder = WhisperEncoder(local, name=name, revision=revision, device=device, **options)
+    else:
         from featstore.encoders.hf_ssl import SSLEncoder
 
-        return SSLEncoder(local, name=name, revision=revision, device=device, **options)
-    raise ModelNotAvailable(
-        f"model '{name}' has model_type '{model_type}'; supported: {', '.join(SSL_MODEL_TYPES)}, whisper, "
-        f"or a front end ({', '.join(FRONTEND_NAMES)})"
-    )
+        encoder = SSLEncoder(local, name=name, revision=revision, device=device, **options)
+    return randomize_weights(encoder, random_init) if random_init is not None else encoder
 
 
 def pick_device(device: str) -> str:
@@ -138,3 +148,56 @@ def pick_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+#: the ``control`` root attribute of a random-init store (``probes.names.RANDOM_INIT`` reads it)
+RANDOM_INIT = "random-init"
+
+
+def check_seed(seed: Any) -> int:
+    """A random-init seed: an integer in ``[0, 2**63)`` (``ValueError`` otherwise)."""
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"--random-init must be a whole number >= 0 (the seed), got {seed!r}")
+    return int(seed)
+
+
+def random_init_model(config: Any, seed: int):
+    """A freshly initialised Hugging Face model of ``config``'s architecture: ``torch.manual_seed(seed)``
+    then the model class's own initialisation (``AutoModel.from_config``), built on the CPU in
+    float32 so the weights are the same on every device. The caller's random state is left as it was."""
+    import torch
+    from transformers import AutoModel
+
+    seed = check_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def randomize_weights(encoder: Encoder, seed: int) -> Encoder:
+    """Replace ``encoder``'s weights by :func:`random_init_model` of its own config (a control).
+
+    The store then says so: ``control = "random-init"``, ``random_init_seed = seed``,
+    ``encoder_revision = "random-init:<seed>"`` (so it never shares an identity with the trained
+    weights) and ``random_init_source_revision`` (the checkpoint the architecture was read from).
+    Works for SSL encoders (``.model``) and Whisper encoders (``.encoder``, the encoder half of a
+    fresh ``WhisperModel``).
+    """
+    seed = check_seed(seed)
+    if hasattr(encoder, "model") and hasattr(encoder.model, "config"):  # SSL
+        fresh = random_init_model(encoder.model.config, seed)
+        encoder.model = fresh.to(encoder.device).eval()
+    elif hasattr(encoder, "encoder") and hasattr(encoder.encoder, "config"):  # Whisper
+        fresh = random_init_model(encoder.encoder.config, seed)
+        encoder.encoder = fresh.get_encoder().to(encoder.device).eval()
+        del fresh
+    else:
+        raise ValueError(f"--random-init: {type(encoder).__name__} has no weights to replace")
+    source = encoder.revision
+    encoder.revision = f"{RANDOM_INIT}:{seed}"
+    encoder.extra_attrs = {**encoder.extra_attrs, "control": RANDOM_INIT, "random_init_seed": seed,
+                           "random_init_source_revision": source}
+    return encoder

@@ -264,6 +264,38 @@ class WhisperEncoder(Encoder):
         log_spec = torch.maximum(log_spec, top - 8.0)
         return ((log_spec + 4.0) / 4.0)[..., :n_mel]
 
+    # ------------------------------------------------------------------ the padded recipe
+    #: Whisper's encoder takes no attention mask (Hugging Face's ignores one), so neither does the recipe
+    padded_attention_mask = False
+
+    def padded_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                        keep_padding: bool = False) -> list[list[np.ndarray]]:
+        """What the usual Whisper recipe computes when every clip is first padded or cut to
+        ``pad_seconds`` (``featstore extract --emulate-padding``).
+
+        "Usual" here: the clip is cut to its first ``pad_seconds`` and zero-padded to that length,
+        then given to Whisper as Whisper takes every input, zero-padded to its window (30 s, or the
+        store's ``context_seconds`` window) — the encoder cannot run on anything else. Returns each
+        clip's true frames (those whose centre lies inside the clip as cut), or with
+        ``keep_padding`` the ``num_frames(pad_seconds)`` frames that cover the padded clip (50 per
+        second), which is what a pipeline that pools the padded clip's frames reads. For a clip no
+        longer than ``pad_seconds`` the true frames are those of an exact run: zero padding inside
+        Whisper's own window changes nothing; only cutting and pooling over the padding do.
+        """
+        n_pad = int(round(float(pad_seconds) * self.sample_rate))
+        if not 0 < n_pad <= self.max_samples:
+            raise ValueError(f"--emulate-padding {pad_seconds:g} s does not fit this Whisper window "
+                             f"({self.window_seconds:g} s)")
+        cut = [np.asarray(c, dtype=np.float32)[:n_pad] for c in clips]
+        out = self._encode([np.pad(c, (0, n_pad - len(c))) for c in cut], self.positions)
+        true = [self.num_frames(len(c)) for c in cut]
+        if not keep_padding:
+            out = [[np.ascontiguousarray(a[:t]) for a in o] for o, t in zip(out, true)]
+        self.stats["clips"] += len(out)
+        self.stats["frames"] += sum(true)
+        self.stats["padded_frames"] += len(out) * self.positions - sum(true)
+        return out
+
     # ------------------------------------------------------------------ differentiable forward
     def forward_hidden_states(self, mel, keep: int | None = None) -> list:
         """All hidden states of a batch of windows, each cut to its first ``keep`` frames.
