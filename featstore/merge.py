@@ -13,7 +13,8 @@ from featstore.writelock import WriterLock
 #: attributes every shard of one extraction shares
 IDENTITY = ("encoder", "encoder_revision", "encoder_config", "manifest_sha256", "dtype", "layer_ids",
             "crop_to_segment", "sample_rate", "frame_stride_samples", "group_column", "amp",
-            "whisper_window_mode", "whisper_window_seconds", "whisper_context_seconds")
+            "whisper_window_mode", "whisper_window_seconds", "whisper_context_seconds",
+            "padding_exact", "padding_emulation", "control", "random_init_seed")
 
 
 class MergeError(ValueError):
@@ -60,6 +61,10 @@ def _merge(shards: Sequence[str | Path], out: Path, chunk_items: int) -> Path:
         row_dicts = [dict(tables[si].iloc[i]) for _, si, i in placed]
         attrs = {k: v for k, v in stores[0].h5.attrs.items() if k not in ("shard", "shard_rows", "committed_frames", "num_items")}
         attrs["merged_from"] = json.dumps([str(Path(p).name) for p in shards])
+        if first.get("padding_recipe"):  # the clips the recipe cut: every shard's, not the first one's
+            recipe = dict(first["padding_recipe"])
+            recipe["truncated"] = sum(int(s.attrs["padding_recipe"].get("truncated", 0)) for s in stores)
+            attrs["padding_recipe"] = json.dumps(recipe)
         attrs["shard"], attrs["shard_rows"] = "", "[]"
         layer_ids = stores[0].layer_ids
         dims = [stores[0].layer_dim(k) for k in layer_ids]

@@ -355,3 +355,26 @@ def test_info_on_a_whisper_context_store_quotes_its_window_audit(tiny_whisper, c
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.replace("│", " ").split())  # the table wraps long cells
     assert "the 1 s context window moves frames by up to" in text and "(vs the full 30-s window)" in text
+
+
+def test_merge_refuses_padded_with_exact_shards_and_sums_truncated(clips6, tmp_path):
+    from featstore.merge import MergeError, merge_shards
+
+    pad = 0.15  # cuts the clips longer than 2,400 samples
+    padded = [extract(clips6, "logmel", tmp_path / f"p{k}.h5", emulate_padding=pad, shard=f"{k}/2", progress=False).path
+              for k in (1, 2)]
+    exact2 = extract(clips6, "logmel", tmp_path / "e2.h5", shard="2/2", progress=False).path
+    with pytest.raises(MergeError, match="padding"):
+        merge_shards([padded[0], exact2], tmp_path / "mixed.h5")
+    single = extract(clips6, "logmel", tmp_path / "single.h5", emulate_padding=pad, progress=False).path
+    merged = merge_shards(padded, tmp_path / "merged.h5")
+    with featstore.open(merged) as m, featstore.open(single) as s:
+        assert m.attrs["padding_recipe"] == s.attrs["padding_recipe"]
+        assert m.attrs["padding_recipe"]["truncated"] > 0
+    control = [extract(clips6, "logmel", tmp_path / f"c{k}.h5", shard=f"{k}/2", progress=False).path for k in (1, 2)]
+    import h5py
+
+    with h5py.File(control[1], "r+") as h:  # a shard of a (random-init) control beside a trained shard
+        h.attrs["control"], h.attrs["random_init_seed"] = "random-init", 0
+    with pytest.raises(MergeError, match="control"):
+        merge_shards(control, tmp_path / "mixed2.h5")
