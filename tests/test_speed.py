@@ -131,5 +131,5 @@ def test_fast_padded_recipe_equals_the_model_forward(tiny_models, kind, mask):
     assert max(float(np.abs(a - b).max()) for g, r in zip(got, ref) for a, b in zip(g, r)) <= 1e-4
     # and the padding moves the frames by far more than that (what the audit measures)
     solo = [enc.encode([c])[0] for c in clips]
-    assert max(float(np.abs(a - b).max()) for g, s in zip(got, solo) for a, b in zip(g, s)) > 1e-2
+    assert max(float(np.abs(a - b[: len(a)]).max()) for g, s in zip(got, solo) for a, b in zip(g, s)) > 1e-2
 
