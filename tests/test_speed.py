@@ -133,3 +133,45 @@ def test_fast_padded_recipe_equals_the_model_forward(tiny_models, kind, mask):
     solo = [enc.encode([c])[0] for c in clips]
     assert max(float(np.abs(a - b[: len(a)]).max()) for g, s in zip(got, solo) for a, b in zip(g, s)) > 1e-2
 
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    config = WhisperConfig(d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
+                           max_target_positions=16, max_source_positions=1500, num_mel_bins=80, pad_token_id=1,
+                           bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
+    model = WhisperModel(config)
+    with torch.no_grad():  # weights large enough that attention over the window matters
+        for p in model.encoder.layers.parameters():
+            p.mul_(20.0)
+    d = tmp_path_factory.mktemp("whisper") / "tiny"
+    model.save_pretrained(d)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("context", [None, 1.0])
+def test_fast_whisper_layers_equal_the_hf_encoder(tiny_whisper, context):
+    from featstore.encoders.registry import load_encoder
+    from featstore.encoders.whisper import _fast_layer_ok
+
+    enc = load_encoder(str(tiny_whisper), device="cpu", context_seconds=context)
+    assert enc.fast_layers and all(_fast_layer_ok(layer) for layer in enc.encoder.layers)
+    rng = np.random.default_rng(4)
+    clips = [(0.2 * rng.normal(size=n)).astype(np.float32) for n in (2400, 321, 8000)]
+    fast = enc.encode(clips)
+    solo = enc.encode(clips[1:2])[0]
+    enc.fast_layers = False
+    ref = enc.encode(clips)
+    assert [len(f[0]) for f in fast] == [len(r[0]) for r in ref] == [8, 2, 25]
+    assert max(float(np.abs(a - b).max()) for f, r in zip(fast, ref) for a, b in zip(f, r)) <= 1e-4
+    assert max(float(np.abs(a - b).max()) for a, b in zip(fast[1], solo)) <= 1e-4
+    # the reference is the Hugging Face encoder's own output
+    if context is None:
+        with torch.inference_mode():
+            hf = enc.encoder(enc.log_mel(clips[:1]), output_hidden_states=True).hidden_states
+        assert max(float((torch.from_numpy(a) - h[0, :8]).abs().max()) for a, h in zip(fast[0], hf)) <= 1e-4
