@@ -515,10 +515,15 @@ class SSLEncoder(Encoder):
         if not self.mask_exact and len(set(lengths)) > 1:
             raise ValueError(f"{self.config.get('model_type')} batches only clips of equal frame count, got {sorted(set(lengths))}")
         t_max = max(lengths)
-        full = torch.stack([nn.functional.pad(f, (0, t_max - t)) for f, t in zip(feats, lengths)])
-        mask = torch.zeros(len(waves), max(len(w) for w in waves), dtype=torch.long, device=self.device)
-        for i, w in enumerate(waves):
-            mask[i, : len(w)] = 1
+        if any(f.requires_grad for f in feats):
+            full = torch.stack([nn.functional.pad(f, (0, t_max - t)) for f, t in zip(feats, lengths)])
+        else:  # channels-last, as the model transposes it next (no copy there)
+            rows = feats[0].new_zeros(len(feats), t_max, feats[0].shape[0])
+            for i, f in enumerate(feats):
+                rows[i, : f.shape[-1]] = f.t()
+            full = rows.transpose(1, 2)
+        samples = torch.tensor([len(w) for w in waves], device=self.device)
+        mask = (torch.arange(int(samples.max()), device=self.device)[None] < samples[:, None]).long()
         dummy = torch.zeros(len(waves), 1, device=self.device)
         with _feature_encoder_swapped(self.model, full), fast_transformer(self.model, self.transformer_fast), \
                 warnings.catch_warnings():
