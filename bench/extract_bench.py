@@ -156,6 +156,44 @@ def whisper_throughput(model_dir: Path, n: int, repeats: int = 2) -> tuple[float
     return n / best, whisper_flops(cfg), enc.positions
 
 
+def cpu_time_check(model_dir: Path, lengths: list[int], cfg: dict, n: int = 150) -> tuple[float, float, float, float]:
+    """Load-robust cross-check, in this process on one thread: achieved GFLOP/s of the CNN, the
+    transformer and the whole encode of one typical batch (the ``n`` clips of median length), in
+    CPU seconds, and the CPU-time rate of a 2048^2 matmul on that thread. CPU time is what another
+    job on the machine inflates least."""
+    import torch
+
+    from featstore.encoders.hf_ssl import SSLEncoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        enc = SSLEncoder(model_dir)
+        mid = sorted(lengths)[max(0, len(lengths) // 2 - n // 2) :][:n]
+        rng = np.random.default_rng(2)
+        clips = [(0.05 * rng.normal(size=k)).astype(np.float32) for k in mid]
+        fl = np.array([ssl_flops(cfg, len(c)) for c in clips]).sum(0)
+        enc.encode(clips[:16])
+        with torch.inference_mode():
+            waves = [torch.from_numpy(c) for c in clips]
+            c0 = time.process_time()
+            feats = enc.cnn_outputs(waves)
+            c1 = time.process_time()
+            enc.forward_hidden_states(waves, feats)
+            c2 = time.process_time()
+        enc.encode(clips)
+        c3 = time.process_time()
+        a = torch.randn(2048, 2048)
+        a @ a
+        c4 = time.process_time()
+        for _ in range(3):
+            a @ a
+        mm = 3 * 2.0 * 2048 ** 3 / (time.process_time() - c4) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    return fl[0] / (c1 - c0) / 1e9, fl[1] / (c2 - c1) / 1e9, fl.sum() / (c3 - c2) / 1e9, mm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="number of clips")
@@ -230,7 +268,8 @@ def main() -> None:
         print(f"\nspeed-up (true-audio throughput, whole processes): {t_pad / t_ours:.2f}x")
     print(f"time to first batch (process start -> first encode): {ttfb:.2f} s; batch loop {loop:.1f} s "
           f"(encode {tim['encode']:.1f}, HDF5 write {tim['write']:.2f}, waiting for decode {tim['decode_wait']:.2f}); "
-          f"after the loop (audit, finalize, exit) {t_ours - ttfb - loop:.1f} s")
+          f"after the loop {t_ours - ttfb - loop:.1f} s (padding audit {tim.get('audit', float('nan')):.1f}, "
+          "the rest: HDF5 finalize and exit)")
     total = flops.sum()
     print(f"batch loop: {rate(total, loop):.0f} GFLOP/s = {100 * rate(total, loop) / mm:.0f} % of the matmul rate "
           f"({mm:.0f}; {mm_after:.0f} after)")
@@ -238,6 +277,10 @@ def main() -> None:
         print(f"  CNN {tim['cnn']:.1f} s: {rate(flops[0], tim['cnn']):.0f} GFLOP/s ({100 * rate(flops[0], tim['cnn']) / mm:.0f} %); "
               f"transformer {tim['transformer']:.1f} s: {rate(flops[1], tim['transformer']):.0f} GFLOP/s "
               f"({100 * rate(flops[1], tim['transformer']) / mm:.0f} %)")
+    cnn_r, tf_r, all_r, mm1 = cpu_time_check(model_dir, lengths, cfg)
+    print(f"cross-check in CPU time, one thread, one batch of 150 median clips: CNN {cnn_r:.0f}, transformer "
+          f"{tf_r:.0f}, whole encode {all_r:.0f} GFLOP/s = {100 * all_r / mm1:.0f} % of the one-thread matmul "
+          f"({mm1:.0f} GFLOP/s per CPU second; {load_text()})")
     print(f"batched == solo: max abs diff {d_ours:.3g} over {args.solo_check} clips, all layers; padded frames "
           f"{100 * stats['padded_frames'] / max(stats['frames'] + stats['padded_frames'], 1):.1f} %")
     if args.whisper and Path(args.whisper).is_dir():

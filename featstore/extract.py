@@ -376,11 +376,15 @@ def extract(
                                  stop, lock)
                     # after the batches: its cost (a padded forward) is not paid before the first one
                     if audit_clips > 0 and "padding_audit" not in writer.extra_attrs:
+                        t_audit = time.perf_counter()
                         _audit(writer, encoder, loader, rows, audit_clips)
+                        result.timings["audit"] = round(time.perf_counter() - t_audit, 4)
                     writer.set_attrs(extraction_stats={**_stats(writer, time.perf_counter() - t0, resumed),
                                                        "timings": result.timings})
                     try:
+                        t_fin = time.perf_counter()
                         writer.finalize()
+                        result.timings["finalize"] = round(time.perf_counter() - t_fin, 4)
                         break
                     except PartialDamaged as exc:
                         if attempt:
