@@ -282,12 +282,15 @@ class WhisperEncoder(Encoder):
 
     def embed(self, mel):
         """``hidden_states[0]`` over the whole window: conv stem, GELUs and positional embeddings."""
+        import torch
         import torch.nn.functional as F
 
         enc = self.encoder
         x = F.gelu(enc.conv1(mel))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        return x + enc.embed_positions.weight[: x.shape[1]]
+        # contiguous (B, T, D): the sum would keep the permuted layout, and every later linear
+        # layer and residual sum would copy it again
+        return torch.add(x.contiguous(), enc.embed_positions.weight[: x.shape[1]])
 
     def run_layers(self, x, start: int, end: int | None = None, keep: int | None = None) -> list:
         """Run encoder layers ``start .. end - 1`` on ``x`` = ``hidden_states[start]`` (whole window).
