@@ -60,6 +60,8 @@ class ExtractResult:
     #: where this call's time went (seconds; ``first_batch_unix``: when the first batch's encode
     #: began, for time-to-first-batch from the shell); also stored in ``extraction_stats``
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``time.perf_counter()`` when the call began (time to first batch is measured from it)
+    started_perf: float = field(default=0.0, repr=False)
 
     @property
     def padded_fraction(self) -> float:
@@ -362,8 +364,7 @@ def extract(
                       "replaced when the new one is complete")
         writer, resumed = _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds,
                                     crop_to_segment, overwrite or rebuild_stale, console)
-        result = ExtractResult(out, len(rows), 0, resumed=resumed)
-        result._t0 = t0  # type: ignore[attr-defined]  (time-to-first-batch from the call's start)
+        result = ExtractResult(out, len(rows), 0, resumed=resumed, started_perf=t0)
         loader = _Loader(encoder, crop_to_segment)
         stop = _StopSignal()
         try:
@@ -566,7 +567,7 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     n_items = sum(len(js) for _, js in todo)
     t_start = time.perf_counter()
-    t_call = getattr(result, "_t0", t_start)
+    t_call = result.started_perf or t_start
     timings = {"decode_wait": 0.0, "encode": 0.0, "write": 0.0}
     stats_before = {k: float(v) for k, v in (getattr(encoder, "stats", None) or {}).items() if k.endswith("_seconds")}
     done_audio = 0.0

@@ -175,3 +175,19 @@ def test_fast_whisper_layers_equal_the_hf_encoder(tiny_whisper, context):
         with torch.inference_mode():
             hf = enc.encoder(enc.log_mel(clips[:1]), output_hidden_states=True).hidden_states
         assert max(float((torch.from_numpy(a) - h[0, :8]).abs().max()) for a, h in zip(fast[0], hf)) <= 1e-4
+
+
+def test_extraction_records_where_the_time_went(tiny_models, clip_set, tmp_path):
+    import time
+
+    import featstore
+    from featstore.extract import extract
+
+    before = time.time()
+    res = extract(clip_set, str(tiny_models["wavlm"]), tmp_path / "s.h5", progress=False, device="cpu")
+    tim = featstore.open(res.path).attrs["extraction_stats"]["timings"]
+    assert before <= tim["first_batch_unix"] <= time.time()
+    assert 0 < tim["first_batch_after_start"] < res.wall_seconds
+    assert 0 < tim["cnn"] + tim["transformer"] <= tim["encode"] <= tim["batch_loop"] < res.wall_seconds
+    assert tim["write"] > 0 and tim["decode_wait"] >= 0 and tim["audit"] > 0
+    assert res.timings["finalize"] > 0
