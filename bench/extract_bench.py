@@ -1,14 +1,21 @@
-"""Extraction benchmark: the common padded pipeline vs `featstore extract`, in one run.
+"""Extraction benchmark, whole processes: the common padded recipe vs `featstore extract`.
 
 Builds a synthetic set shaped like the motivating data (median ~0.15 s, 0.08-0.25 s) and a
 base-size WavLM from ``WavLMConfig()`` (random weights: the same compute as the pretrained one),
-then times
+measures a large float32 matrix product (the compute limit of this machine, same run), then times
+as separate processes, from the shell:
 
-  (a) the common pipeline: feature extractor pads/truncates to 1.0 s, batches of 8, full model;
-  (b) ``featstore.extract.extract`` end to end (decode, batch, encode, write HDF5),
+  (a) the common recipe: import, load the model, decode, pad/truncate to 1.0 s, batches of 8, full
+      model (``SSLEncoder.common_pipeline``, the model's own forward);
+  (b) ``python -m cli.featstore_app extract`` (decode, length-aware batches, encode, HDF5 written,
+      padding audit on).
 
-and prints true-audio seconds per second for both, their ratio, the padded-frame fraction of each,
-and the max abs difference of each to solo runs of the same clips.
+It prints true-audio seconds per second of both, their ratio, featstore's time to first batch
+(process start to the first batch's encode) and where the rest went, the model's FLOPs counted from
+its config (CNN and transformer separately, each clip alone, no padding) and the achieved GFLOP/s
+of the batch loop as a fraction of the matrix-product rate, the max abs difference to solo runs,
+and Whisper full-window clips/s with its FLOPs per window (``--whisper DIR``; default the shared
+tiny.en when present). Load averages beside every figure: compare ratios within one run.
 
     python bench/extract_bench.py --n 1000
 """
@@ -16,15 +23,27 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 
-from benchutil import base_wavlm
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from benchutil import base_wavlm, load_text  # noqa: E402
+
+DEFAULT_WHISPER = ROOT.parent / "shared/models/whisper-tiny.en"
+if not DEFAULT_WHISPER.is_dir():
+    DEFAULT_WHISPER = Path("/work/shared/models/whisper-tiny.en")
 
 
 def make_clips(out: Path, n: int, seed: int = 0) -> Path:
@@ -42,85 +61,234 @@ def make_clips(out: Path, n: int, seed: int = 0) -> Path:
     return out / "clips.csv"
 
 
+# ------------------------------------------------------------------------------------------ FLOPs
+def conv_lengths(n: int, convs) -> list[int]:
+    out = []
+    for k, s in convs:
+        n = max(0, (n - k) // s + 1)
+        out.append(n)
+    return out
+
+
+def ssl_flops(cfg: dict, num_samples: int) -> tuple[float, float]:
+    """(CNN, transformer) multiply-add FLOPs (2 per MAC) of one clip alone, from the config: every
+    conv layer; feature projection, positional conv (the taps that meet a frame), per layer q/k/v/o,
+    attention scores and sums, and the feed-forward."""
+    convs = list(zip(cfg["conv_kernel"], cfg["conv_stride"]))
+    dims = [1] + list(cfg["conv_dim"])
+    lens = conv_lengths(num_samples, convs)
+    cnn = sum(2.0 * dims[i] * k * dims[i + 1] * lens[i] for i, (k, _) in enumerate(convs))
+    t, e, ff = lens[-1], cfg["hidden_size"], cfg["intermediate_size"]
+    kpos, groups = cfg.get("num_conv_pos_embeddings", 128), cfg.get("num_conv_pos_embedding_groups", 16)
+    pad = kpos // 2  # output j reads input j + tap - pad: count the taps that meet a frame
+    taps = sum(min(t - 1, j - pad + kpos - 1) - max(0, j - pad) + 1 for j in range(t))
+    proj = 2.0 * dims[-1] * e * t
+    pos = 2.0 * e * (e // groups) * taps
+    layer = 2.0 * t * (4 * e * e + 2 * e * ff) + 2.0 * 2 * t * t * e
+    return cnn, proj + pos + cfg["num_hidden_layers"] * layer
+
+
+def whisper_flops(cfg: dict) -> float:
+    """FLOPs of one full Whisper encoder window: conv stem, per layer projections, attention, MLP."""
+    n_mels, d, ff, layers = cfg["num_mel_bins"], cfg["d_model"], cfg["encoder_ffn_dim"], cfg["encoder_layers"]
+    t = cfg["max_source_positions"]
+    stem = 2.0 * n_mels * d * 3 * (2 * t) + 2.0 * d * d * 3 * t
+    return stem + layers * (2.0 * t * (4 * d * d + 2 * d * ff) + 2.0 * 2 * t * t * d)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------------ (a)
+def padded_recipe_main(model_dir: str, manifest: str, pad_seconds: float) -> None:
+    """The child process of (a): everything a user of the common recipe runs."""
+    t0 = time.perf_counter()
+    from featstore.encoders.hf_ssl import SSLEncoder
+
+    enc = SSLEncoder(model_dir)
+    base = Path(manifest).parent
+    paths = [base / r["path"] for r in csv.DictReader(open(manifest))]
+    t_load = time.perf_counter() - t0
+    frames = 0
+    for b in range(0, len(paths), 8):
+        clips = [sf.read(str(p), dtype="float32")[0] for p in paths[b : b + 8]]
+        out = enc.common_pipeline(clips, pad_seconds=pad_seconds)
+        frames += sum(len(o[0]) for o in out)
+    print(json.dumps({"load_seconds": t_load, "frames": frames}))
+
+
+def run_timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall seconds, unix start, stdout) of a child process."""
+    start = time.time()
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    wall = time.perf_counter() - t
+    if res.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return wall, start, res.stdout
+
+
+# ------------------------------------------------------------------------------------------ Whisper
+def whisper_throughput(model_dir: Path, n: int, repeats: int = 2) -> tuple[float, float, int]:
+    """Full-window clips/s (best of ``repeats``, one batch of ``n`` short clips), FLOPs per window."""
+    from featstore.encoders.registry import load_encoder
+
+    enc = load_encoder(str(model_dir), device="cpu")
+    rng = np.random.default_rng(1)
+    clips = [(0.05 * rng.normal(size=int(rng.uniform(0.10, 0.25) * 16000))).astype(np.float32) for _ in range(n)]
+    enc.encode(clips[:2])
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        enc.encode(clips)
+        best = min(best, time.perf_counter() - t)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return n / best, whisper_flops(cfg), enc.positions
+
+
+def cpu_time_check(model_dir: Path, lengths: list[int], cfg: dict, n: int = 150) -> tuple[float, float, float, float]:
+    """Load-robust cross-check, in this process on one thread: achieved GFLOP/s of the CNN, the
+    transformer and the whole encode of one typical batch (the ``n`` clips of median length), in
+    CPU seconds, and the CPU-time rate of a 2048^2 matmul on that thread. CPU time is what another
+    job on the machine inflates least."""
+    import torch
+
+    from featstore.encoders.hf_ssl import SSLEncoder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        enc = SSLEncoder(model_dir)
+        mid = sorted(lengths)[max(0, len(lengths) // 2 - n // 2) :][:n]
+        rng = np.random.default_rng(2)
+        clips = [(0.05 * rng.normal(size=k)).astype(np.float32) for k in mid]
+        fl = np.array([ssl_flops(cfg, len(c)) for c in clips]).sum(0)
+        enc.encode(clips[:16])
+        with torch.inference_mode():
+            waves = [torch.from_numpy(c) for c in clips]
+            c0 = time.process_time()
+            feats = enc.cnn_outputs(waves)
+            c1 = time.process_time()
+            enc.forward_hidden_states(waves, feats)
+            c2 = time.process_time()
+        enc.encode(clips)
+        c3 = time.process_time()
+        a = torch.randn(2048, 2048)
+        a @ a
+        c4 = time.process_time()
+        for _ in range(3):
+            a @ a
+        mm = 3 * 2.0 * 2048 ** 3 / (time.process_time() - c4) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    return fl[0] / (c1 - c0) / 1e9, fl[1] / (c2 - c1) / 1e9, fl.sum() / (c3 - c2) / 1e9, mm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="number of clips")
     ap.add_argument("--model", default=None, help="model directory (default: a random-weight base WavLM)")
     ap.add_argument("--batch-seconds", type=float, default=60.0)
-    ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda")
     ap.add_argument("--solo-check", type=int, default=16, help="clips compared against solo runs")
+    ap.add_argument("--skip-padded", action="store_true", help="time only featstore (no ratio)")
+    ap.add_argument("--whisper", default=str(DEFAULT_WHISPER), help="Whisper model directory ('' to skip)")
+    ap.add_argument("--whisper-clips", type=int, default=32)
+    ap.add_argument("--padded-child", nargs=3, metavar=("MODEL", "MANIFEST", "PAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.padded_child:
+        padded_recipe_main(args.padded_child[0], args.padded_child[1], float(args.padded_child[2]))
+        return
 
-    from featstore.encoders.hf_ssl import SSLEncoder
-    from featstore.encoders.registry import pick_device
-    from featstore.extract import extract
+    import torch
 
     tmp = Path(tempfile.mkdtemp(prefix="extract_bench_"))
     (tmp / "wav").mkdir()
     manifest = make_clips(tmp / "wav", args.n)
     model_dir = Path(args.model) if args.model else base_wavlm(tmp / "wavlm-base")
-    device = pick_device(args.device)
-    enc = SSLEncoder(model_dir, device=device)
-    clips = [sf.read(str(tmp / "wav" / f"c{i:05d}.wav"), dtype="float32")[0] for i in range(args.n)]
-    audio_s = sum(len(c) for c in clips) / 16000
-    true_frames = sum(enc.num_frames(len(c)) for c in clips)
-    print(f"{args.n} clips, {audio_s:.1f} s of audio, median {np.median([len(c) for c in clips]) / 16000:.3f} s; "
-          f"model {model_dir.name}, device {device}, torch threads {torch.get_num_threads()}")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    lengths = [sf.info(str(tmp / "wav" / f"c{i:05d}.wav")).frames for i in range(args.n)]
+    audio_s = sum(lengths) / 16000
+    flops = np.array([ssl_flops(cfg, n) for n in lengths]).sum(0)
+    mm = matmul_rate()
+    print(f"{args.n} clips, {audio_s:.1f} s of audio, median {np.median(lengths) / 16000:.3f} s; model "
+          f"{model_dir.name}, device {args.device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    print(f"model FLOPs (config, each clip alone): CNN {flops[0] / 1e9:.0f} GFLOP ({flops[0] / audio_s / 1e9:.2f} per "
+          f"audio s), transformer {flops[1] / 1e9:.0f} GFLOP ({flops[1] / audio_s / 1e9:.2f} per audio s)")
+    print(f"2048^2 float32 matmul: {mm:.0f} GFLOP/s ({load_text()})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
-    # (a) the common pipeline
-    t = time.perf_counter()
-    padded_out = []
-    for b in range(0, args.n, 8):
-        padded_out += enc.common_pipeline(clips[b : b + 8], pad_seconds=1.0)
-    t_pad = time.perf_counter() - t
-    pad_frames_total = int(np.ceil(args.n / 8)) * 8 * enc.num_frames(16000)
-    pad_frac = 1 - true_frames / pad_frames_total
+    t_pad = None
+    if not args.skip_padded:
+        t_pad, _, out = run_timed([sys.executable, str(Path(__file__).resolve()), "--padded-child", str(model_dir),
+                                   str(manifest), "1.0"], env)
+        pad_info = json.loads(out.strip().splitlines()[-1])
+        print(f"(a) padded recipe: {t_pad:.1f} s whole process ({load_text()})")
 
-    # (b) featstore extract
-    t = time.perf_counter()
-    res = extract(manifest, enc, tmp / "store.h5", batch_seconds=args.batch_seconds, progress=False, audit_clips=0)
-    t_ours = time.perf_counter() - t
+    store = tmp / "store.h5"
+    t_ours, started, _ = run_timed([sys.executable, "-m", "cli.featstore_app", "extract", "--manifest", str(manifest),
+                                    "--model", str(model_dir), "--out", str(store), "--device", args.device,
+                                    "--batch-seconds", str(args.batch_seconds)], env)
+    mm_after = matmul_rate()
+    print(f"(b) featstore extract: {t_ours:.1f} s whole process ({load_text()}); matmul after: {mm_after:.0f} GFLOP/s")
 
     import featstore
+    from featstore.encoders.hf_ssl import SSLEncoder
 
-    store = featstore.open(res.path)
+    st = featstore.open(store)
+    stats = dict(st.attrs["extraction_stats"])
+    tim = stats.get("timings", {})
+    ttfb = tim["first_batch_unix"] - started
+    loop = tim["batch_loop"]
+    enc = SSLEncoder(model_dir, device=args.device)
     rng = np.random.default_rng(0)
-    check = rng.choice(args.n, size=min(args.solo_check, args.n), replace=False)
-    d_ours = d_pad = 0.0
-    for i in check:
-        solo = enc._encode([clips[i]])[0]
-        for k in range(enc.num_layers):
-            d_ours = max(d_ours, float(np.abs(store.frames(int(i), k) - solo[k]).max()))
-            d_pad = max(d_pad, float(np.abs(padded_out[i][k] - solo[k]).max()))
-
+    d_ours = 0.0
+    for i in rng.choice(args.n, size=min(args.solo_check, args.n), replace=False):
+        clip = sf.read(str(tmp / "wav" / f"c{int(i):05d}.wav"), dtype="float32")[0]
+        solo = enc._encode([clip])[0]
+        d_ours = max(d_ours, max(float(np.abs(st.frames(int(i), k) - solo[k]).max()) for k in range(enc.num_layers)))
+    rate = lambda f, s: f / s / 1e9  # noqa: E731
     print()
-    print("| pipeline | wall s | true-audio s/s | padded frames | max abs diff to solo |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| common: pad to 1.0 s, batch 8, full model | {t_pad:.1f} | {audio_s / t_pad:.2f} | {100 * pad_frac:.1f} % | {d_pad:.3g} |")
-    print(f"| featstore extract (HDF5 written) | {t_ours:.1f} | {audio_s / t_ours:.2f} | {100 * res.padded_fraction:.1f} % | {d_ours:.3g} |")
-    print(f"\nspeed-up (true-audio throughput): {t_pad / t_ours:.2f}x; items ok {res.ok}/{args.n}")
-    if enc.group_norm_cnn:
-        t_clip, t_batch = cnn_timing(enc, clips)
-        print(f"group-norm CNN alone: one clip at a time {t_clip:.1f} s; featstore's masked batches of "
-              f"{enc.cnn_chunk} length-sorted clips {t_batch:.1f} s ({t_clip / t_batch:.2f}x)")
-
-
-@torch.inference_mode()
-def cnn_timing(enc, clips: list[np.ndarray]) -> tuple[float, float]:
-    """Wall seconds of the CNN over all clips one by one, and in featstore's masked length-sorted chunks."""
-    from featstore.encoders.hf_ssl import masked_group_norm_cnn
-
-    fe, dev = enc.model.feature_extractor, enc.device
-    xs = [torch.from_numpy(enc.preprocess(c)).to(dev) for c in clips]
-    t = time.perf_counter()
-    for x in xs:
-        fe(x[None])
-    t_clip = time.perf_counter() - t
-    xs.sort(key=len)
-    t = time.perf_counter()
-    for b in range(0, len(xs), enc.cnn_chunk):
-        masked_group_norm_cnn(fe, xs[b : b + enc.cnn_chunk])
-    return t_clip, time.perf_counter() - t
+    print("| pipeline | wall s (whole process) | true-audio s/s |")
+    print("|---|---:|---:|")
+    if t_pad:
+        print(f"| common: pad to 1.0 s, batch 8, full model | {t_pad:.1f} | {audio_s / t_pad:.2f} |")
+    print(f"| featstore extract (HDF5 written, audit on) | {t_ours:.1f} | {audio_s / t_ours:.2f} |")
+    if t_pad:
+        print(f"\nspeed-up (true-audio throughput, whole processes): {t_pad / t_ours:.2f}x")
+    print(f"time to first batch (process start -> first encode): {ttfb:.2f} s; batch loop {loop:.1f} s "
+          f"(encode {tim['encode']:.1f}, HDF5 write {tim['write']:.2f}, waiting for decode {tim['decode_wait']:.2f}); "
+          f"after the loop {t_ours - ttfb - loop:.1f} s (padding audit {tim.get('audit', float('nan')):.1f}, "
+          "the rest: HDF5 finalize and exit)")
+    total = flops.sum()
+    print(f"batch loop: {rate(total, loop):.0f} GFLOP/s = {100 * rate(total, loop) / mm:.0f} % of the matmul rate "
+          f"({mm:.0f}; {mm_after:.0f} after)")
+    if "cnn" in tim:
+        print(f"  CNN {tim['cnn']:.1f} s: {rate(flops[0], tim['cnn']):.0f} GFLOP/s ({100 * rate(flops[0], tim['cnn']) / mm:.0f} %); "
+              f"transformer {tim['transformer']:.1f} s: {rate(flops[1], tim['transformer']):.0f} GFLOP/s "
+              f"({100 * rate(flops[1], tim['transformer']) / mm:.0f} %)")
+    cnn_r, tf_r, all_r, mm1 = cpu_time_check(model_dir, lengths, cfg)
+    print(f"cross-check in CPU time, one thread, one batch of 150 median clips: CNN {cnn_r:.0f}, transformer "
+          f"{tf_r:.0f}, whole encode {all_r:.0f} GFLOP/s = {100 * all_r / mm1:.0f} % of the one-thread matmul "
+          f"({mm1:.0f} GFLOP/s per CPU second; {load_text()})")
+    print(f"batched == solo: max abs diff {d_ours:.3g} over {args.solo_check} clips, all layers; padded frames "
+          f"{100 * stats['padded_frames'] / max(stats['frames'] + stats['padded_frames'], 1):.1f} %")
+    if args.whisper and Path(args.whisper).is_dir():
+        cps, wf, pos = whisper_throughput(Path(args.whisper), args.whisper_clips)
+        print(f"Whisper {Path(args.whisper).name}, full window ({pos} positions): {cps:.2f} clips/s, "
+              f"{wf / 1e9:.1f} GFLOP per window -> {cps * wf / 1e9:.0f} GFLOP/s = {100 * cps * wf / 1e9 / mm:.0f} % "
+              f"of the matmul rate ({load_text()})")
+    print(f"\n{load_text()}")
 
 
 if __name__ == "__main__":

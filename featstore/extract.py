@@ -57,6 +57,11 @@ class ExtractResult:
     stopped_by: str = ""
     #: items encoded by this call (a resumed run skips the committed ones)
     processed: int = 0
+    #: where this call's time went (seconds; ``first_batch_unix``: when the first batch's encode
+    #: began, for time-to-first-batch from the shell); also stored in ``extraction_stats``
+    timings: dict[str, float] = field(default_factory=dict)
+    #: ``time.perf_counter()`` when the call began (time to first batch is measured from it)
+    started_perf: float = field(default=0.0, repr=False)
 
     @property
     def padded_fraction(self) -> float:
@@ -489,7 +494,7 @@ def extract(
                       "replaced when the new one is complete")
         writer, resumed = _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds,
                                     crop_to_segment, overwrite or rebuild_stale, console)
-        result = ExtractResult(out, len(rows), 0, resumed=resumed)
+        result = ExtractResult(out, len(rows), 0, resumed=resumed, started_perf=t0)
         loader = _Loader(encoder, crop_to_segment)
         stop = _StopSignal()
         try:
@@ -497,16 +502,22 @@ def extract(
                 bad = [(j, {"status": r.status, "error": r.error}, None) for j, r in enumerate(rows) if r.status]
                 if bad and not writer.committed(0):  # rows rejected by manifest validation: batch 0
                     writer.write_items(bad, key=0)
-                if audit_clips > 0 and "padding_audit" not in writer.extra_attrs:
-                    _audit(writer, encoder, loader, rows, audit_clips)
                 for attempt in (0, 1):
                     _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch,
                                  stop, lock)
+                    # after the batches: its cost (a padded forward) is not paid before the first one
+                    if audit_clips > 0 and "padding_audit" not in writer.extra_attrs:
+                        t_audit = time.perf_counter()
+                        _audit(writer, encoder, loader, rows, audit_clips)
+                        result.timings["audit"] = round(time.perf_counter() - t_audit, 4)
                     if padding is not None:
                         writer.set_attrs(padding_recipe=_padding_recipe(writer, encoder))
-                    writer.set_attrs(extraction_stats=_stats(writer, time.perf_counter() - t0, resumed))
+                    writer.set_attrs(extraction_stats={**_stats(writer, time.perf_counter() - t0, resumed),
+                                                       "timings": result.timings})
                     try:
+                        t_fin = time.perf_counter()
                         writer.finalize()
+                        result.timings["finalize"] = round(time.perf_counter() - t_fin, 4)
                         break
                     except PartialDamaged as exc:
                         if attempt:
@@ -688,6 +699,9 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     n_items = sum(len(js) for _, js in todo)
     t_start = time.perf_counter()
+    t_call = result.started_perf or t_start
+    timings = {"decode_wait": 0.0, "encode": 0.0, "write": 0.0}
+    stats_before = {k: float(v) for k, v in (getattr(encoder, "stats", None) or {}).items() if k.endswith("_seconds")}
     done_audio = 0.0
     pool = ThreadPoolExecutor(max_workers=2)
 
@@ -701,14 +715,23 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
             for n, (bi, js) in enumerate(todo):
                 if stop.signum is not None:  # SIGTERM before this batch started (e.g. during the audit)
                     raise _Stopped
+                t_wait = time.perf_counter()
                 clips = future.result()
+                timings["decode_wait"] += time.perf_counter() - t_wait
+                if n == 0:
+                    timings["first_batch_unix"] = time.time()
+                    timings["first_batch_after_start"] = time.perf_counter() - t_call
                 future = pool.submit(decode, todo[n + 1][1]) if n + 1 < len(todo) else None
                 stats = getattr(encoder, "stats", None) or {}
                 padded_before = int(stats.get("padded_frames", 0))
+                t_enc = time.perf_counter()
                 entries = _encode_batch(encoder, rows, js, clips, layer_ids, result, loader.crop, writer.dtype)
+                t_write = time.perf_counter()
+                timings["encode"] += t_write - t_enc
                 frames = sum(0 if f is None else int(f[0].shape[0]) for _, _, f in entries)
                 padded = int((getattr(encoder, "stats", None) or {}).get("padded_frames", 0)) - padded_before
                 writer.write_items(entries, key=bi + 1, stats={"frames": frames, "padded_frames": padded})
+                timings["write"] += time.perf_counter() - t_write
                 lock.heartbeat()
                 result.processed += len(js)
                 done_audio += sum(len(c.samples) for c in clips if isinstance(c, Clip)) / encoder.sample_rate
@@ -721,6 +744,11 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         result.audio_seconds += done_audio
+        timings["batch_loop"] = time.perf_counter() - t_start
+        for key in ("cnn_seconds", "transformer_seconds"):  # the encoder's own split, where it keeps one
+            if key in (getattr(encoder, "stats", None) or {}):
+                timings[key.replace("_seconds", "")] = float(encoder.stats[key]) - stats_before.get(key, 0.0)
+        result.timings.update({k: round(v, 4) if k != "first_batch_unix" else v for k, v in timings.items()})
 
 
 def _nonfinite_message(raw: list[np.ndarray], stored: list[np.ndarray], layer_ids: Sequence[int], dtype: np.dtype,

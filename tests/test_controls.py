@@ -378,3 +378,18 @@ def test_merge_refuses_padded_with_exact_shards_and_sums_truncated(clips6, tmp_p
         h.attrs["control"], h.attrs["random_init_seed"] = "random-init", 0
     with pytest.raises(MergeError, match="control"):
         merge_shards(control, tmp_path / "mixed2.h5")
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_padding_audit_models_the_recipe_the_store_writes(gn_models, clips6, mask):
+    """The audit's padded frames (fast and reference paths) are the --emulate-padding recipe's: on a
+    normalising checkpoint without an attention mask the recipe normalises the padded vector."""
+    from featstore.encoders.registry import load_encoder
+
+    enc = load_encoder(str(gn_models[mask]), device="cpu")
+    clips = _clips(clips6)
+    recipe = enc.padded_pipeline(clips, PAD)
+    for fast in (False, True):
+        audit = enc.common_pipeline(clips, PAD, fast=fast)
+        err = max(float(np.abs(a[k] - r[k]).max()) for a, r in zip(audit, recipe) for k in range(len(r)))
+        assert err < 1e-4, (fast, err)

@@ -366,6 +366,20 @@ def test_exact_store_quotes_the_audit_without_warning(tmp_path):
             "audit); this store is padding-exact, so that is what a padded pipeline would compute") in s.message
 
 
+def test_whisper_window_audit_is_quoted_as_a_window_not_as_padding(tmp_path):
+    path = healthy(tmp_path / "w.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["padding_audit"] = json.dumps({"reference": "full-30s", "context_seconds": 2.0, "clips": 8,
+                                               "frames": 200, "max_abs": [0.0, 0.7, 1.9, 0.4],
+                                               "mean_abs": [0.0, 0.1, 0.2, 0.05]})
+    s = doctor(path, tmp_path).step("padding and pooling")
+    assert s.status == PASS
+    assert ("the 2-s context window moves frames by up to 1.90 against Whisper's full 30-s window (layer 2; 8 "
+            "clips, extraction's audit); the store's frames are the 2-s window's, each clip's own") in s.message
+    assert "padding inside the model" not in s.message
+    assert s.evidence["audit_context_seconds"] == 2.0
+
+
 def test_simulated_padding_winning_by_duration_warns(tmp_path):
     def item(rng, s, y, j):  # label sets the length; frames are noise + a speaker offset
         t = int(rng.integers(*[(4, 7), (10, 14), (20, 26)][y]))

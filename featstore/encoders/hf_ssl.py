@@ -11,6 +11,7 @@ the model returns.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,6 +86,278 @@ def masked_group_norm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tens
     return h * valid[:, None].to(h.dtype), counts
 
 
+def gemm_cnn_supported(feature_encoder: nn.Module) -> bool:
+    """Whether :func:`gemm_cnn` handles this CNN: plain ``Conv1d`` layers (no padding, dilation or
+    groups) each followed by nothing, a per-channel-over-time GroupNorm (first layer only, the
+    wav2vec2 group-norm layout) or a LayerNorm over channels, then the activation."""
+    layers = list(getattr(feature_encoder, "conv_layers", []))
+    if not layers:
+        return False
+    for i, m in enumerate(layers):
+        conv = getattr(m, "conv", None)
+        if not isinstance(conv, nn.Conv1d) or not hasattr(m, "activation"):
+            return False
+        if conv.padding != (0,) or conv.dilation != (1,) or conv.groups != 1 or conv.padding_mode != "zeros":
+            return False
+        norm = getattr(m, "layer_norm", None)
+        if norm is None:
+            continue
+        if isinstance(norm, nn.GroupNorm):
+            if i != 0 or norm.num_groups != norm.num_channels:
+                return False
+        elif not (isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (conv.out_channels,)):
+            return False
+    return True
+
+
+#: conv weights rearranged for the GEMM, per parameter and version (frozen weights: built once)
+_GEMM_WEIGHTS: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+
+def _gemm_weight(conv: nn.Conv1d) -> torch.Tensor:
+    """``conv.weight`` ``(out, in, k)`` as the ``(k * in, out)`` matrix that multiplies a window of
+    ``k`` channels-last input rows laid end to end."""
+    w = conv.weight
+    if w.requires_grad and torch.is_grad_enabled():
+        return w.permute(2, 1, 0).reshape(-1, w.shape[0])
+    hit = _GEMM_WEIGHTS.get(id(w))
+    if hit is not None and hit[0] == w._version and hit[1] is w:
+        return hit[2]
+    with torch.no_grad():
+        m = w.detach().permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
+    _GEMM_WEIGHTS[id(w)] = (w._version, w, m)
+    return m
+
+
+def _strided_conv_gemm(x: torch.Tensor, rows: int, k: int, s: int, wmat: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """A stride-``s``, kernel-``k`` convolution over channels-last rows ``x`` ``(N, C)`` as matrix
+    products without im2col copies: output row ``r`` reads input rows ``s r .. s r + k - 1``, split
+    into ``ceil(k / s)`` groups of at most ``s`` consecutive rows; each group over all ``r`` is a
+    strided view ``(rows, <= s C)`` with row stride ``s C``, which BLAS reads in place."""
+    c = x.shape[1]
+    x = x.contiguous()
+    out = None
+    for j0 in range(0, k, s):
+        width = min(s, k - j0) * c
+        view = x.as_strided((rows, width), (s * c, 1), x.storage_offset() + j0 * c)
+        w = wmat[j0 * c : j0 * c + width]
+        if out is None:
+            out = torch.addmm(bias, view, w) if bias is not None else view @ w
+        elif torch.is_grad_enabled() and (out.requires_grad or view.requires_grad or w.requires_grad):
+            out = out + view @ w
+        else:
+            out.addmm_(view, w)
+    return out
+
+
+def _activation(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``act(h)``, in place for the exact GELU when no gradient is recorded (one pass less over the
+    largest tensors of the CNN)."""
+    if (type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu
+            and not (torch.is_grad_enabled() and h.requires_grad)):
+        return torch._C._nn.gelu_(h)
+    return act(h)
+
+
+def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """The CNN feature encoder as matrix products, exact per clip: each clip's frames ``(C, n)``.
+
+    Channels-last throughout: the clips are laid end to end, each padded to a multiple of the total
+    stride, so every layer is one ``(rows, k * C_in) @ (k * C_in, C_out)`` product over a strided
+    view of the previous layer's rows (im2col without a copy where ``k <= stride``). Clip ``b``'s
+    rows start at ``b * pitch`` in every layer, and its valid outputs read only its own valid
+    inputs (rows past them are scratch and are never returned). The first layer's GroupNorm (one
+    group per channel: each channel normalised over the clip's time) is folded into that layer's
+    weights per clip: the conv output's per-channel mean and variance over the clip's valid frames
+    follow from the mean and covariance of its raw-sample windows (float64), so the layer is one
+    batched product with per-clip weights. Equal to :func:`masked_group_norm_cnn` and to each clip
+    run alone to ~1e-6. Returns the frames as views (``(C, n)``, transposed) and the counts.
+    """
+    layers = list(feature_encoder.conv_layers)
+    device = waves[0].device
+    total_stride = 1
+    for m in layers:
+        total_stride *= m.conv.stride[0]
+    lengths = [int(len(w)) for w in waves]
+    pitch = -(-max(lengths) // total_stride) * total_stride
+    k0, s0 = layers[0].conv.kernel_size[0], layers[0].conv.stride[0]
+    flat = torch.zeros(len(waves) * pitch + k0 + s0, dtype=waves[0].dtype, device=device)
+    for b, w in enumerate(waves):
+        flat[b * pitch : b * pitch + len(w)] = w
+    counts = list(lengths)
+    h = None
+    for i, layer in enumerate(layers):
+        conv = layer.conv
+        k, s = conv.kernel_size[0], conv.stride[0]
+        counts = [max(0, (n - k) // s + 1) for n in counts]
+        norm = getattr(layer, "layer_norm", None)
+        if i == 0:
+            rows_per_clip = pitch // s
+            patches = flat.as_strided((len(waves), rows_per_clip, k), (pitch, s, 1)).contiguous()  # (B, P0, k)
+            w0 = conv.weight.reshape(conv.out_channels, k)  # (C, k)
+            if isinstance(norm, nn.GroupNorm):
+                h = _group_norm_folded_first_layer(patches, counts, w0, conv.bias, norm)
+            else:
+                h = patches.reshape(-1, k) @ w0.t()
+                if conv.bias is not None:
+                    h = h + conv.bias
+            h = h.reshape(-1, conv.out_channels)
+            pitch_rows = rows_per_clip
+        else:
+            pitch_rows //= s
+            # rows past the end of the last clip's scratch are not computed (never valid)
+            rows = min(len(waves) * pitch_rows, (h.shape[0] - k) // s + 1)
+            h = _strided_conv_gemm(h, rows, k, s, _gemm_weight(conv), conv.bias)
+        if isinstance(norm, nn.LayerNorm):
+            h = nn.functional.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        h = _activation(layer.activation, h)
+    out = [h[b * pitch_rows : b * pitch_rows + n].t() for b, n in enumerate(counts)]
+    return out, counts
+
+
+def _group_norm_folded_first_layer(patches: torch.Tensor, counts: Sequence[int], w0: torch.Tensor,
+                                   bias: torch.Tensor | None, gn: nn.GroupNorm) -> torch.Tensor:
+    """conv -> GroupNorm(channels) of the first layer as one batched product with per-clip weights.
+
+    For clip ``b`` with valid windows ``x_t`` (rows of ``patches``), channel ``c``'s conv output is
+    ``w_c . x_t + bias_c``: its mean over the clip is ``w_c . mu_b + bias_c`` and its (biased)
+    variance ``w_c^T S_b w_c``, with ``mu_b``, ``S_b`` the windows' mean and covariance (float64,
+    centred: no cancellation). The normalised output is then ``x_t . (w_c a_bc) + (beta_c - a_bc w_c . mu_b)``
+    with ``a_bc = gamma_c / sqrt(var_bc + eps)``.
+    """
+    bsz, rows, k = patches.shape
+    n = torch.tensor(counts, device=patches.device, dtype=torch.float64)
+    valid = (torch.arange(rows, device=patches.device)[None] < n[:, None]).to(torch.float64)[..., None]
+    p64 = patches.double()
+    cnt = n.clamp(min=1)[:, None]
+    mu = (p64 * valid).sum(1) / cnt  # (B, k)
+    dev = (p64 - mu[:, None]) * valid
+    cov = dev.transpose(1, 2) @ dev / cnt[..., None]  # (B, k, k)
+    w64 = w0.double()
+    var = torch.einsum("ck,bkl,cl->bc", w64, cov, w64)  # (B, C)
+    scale = torch.rsqrt(var + gn.eps)
+    if gn.affine:
+        scale = scale * gn.weight.double()[None]
+    shift = -(mu @ w64.t()) * scale  # (B, C)
+    if gn.affine:
+        shift = shift + gn.bias.double()[None]
+    del bias  # the conv bias moves the mean only: it cancels in the normalisation
+    weff = (w64[None] * scale[..., None]).transpose(1, 2).to(patches.dtype)  # (B, k, C)
+    return torch.baddbmm(shift.to(patches.dtype)[:, None, :], patches, weff)
+
+
+def _frozen(key: str, build, *params: torch.Tensor) -> torch.Tensor:
+    """``build()`` cached per parameter set and version when no gradient is recorded for them
+    (extraction: frozen weights rearranged once); rebuilt, with autograd, otherwise."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return build()
+    ident = (key,) + tuple(id(p) for p in params)
+    versions = tuple(p._version for p in params)
+    hit = _FROZEN.get(ident)
+    if hit is not None and hit[0] == versions and all(a is b for a, b in zip(hit[1], params)):
+        return hit[2]
+    with torch.no_grad():
+        value = build().detach()
+    _FROZEN[ident] = (versions, params, value)
+    return value
+
+
+_FROZEN: dict[tuple, tuple] = {}
+
+
+def pos_conv_croppable(module: nn.Module) -> bool:
+    """Whether ``module`` is the wav2vec2 / HuBERT / WavLM positional embedding: one ``Conv1d``
+    (zero "same" padding), the pad-removal layer and the activation, nothing else."""
+    conv = getattr(module, "conv", None)
+    return (isinstance(conv, nn.Conv1d) and hasattr(module, "padding") and hasattr(module, "activation")
+            and getattr(module, "batch_norm", None) is None and conv.stride == (1,) and conv.dilation == (1,)
+            and conv.padding_mode == "zeros" and conv.padding[0] == conv.kernel_size[0] // 2
+            and type(module).forward.__qualname__.endswith("PositionalConvEmbedding.forward"))
+
+
+def _pos_conv_cropped(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The positional convolution with its kernel cut to the taps that can meet a frame.
+
+    Output ``t`` of the "same" convolution reads input ``t + j - pad`` through tap ``j``; with
+    ``T`` frames only taps ``pad - (T - 1) .. pad + T - 1`` ever read one, so on short inputs
+    (``2 T - 1`` below the kernel's 128) the rest multiply zero padding. Same sums without the zero
+    terms (float rounding aside). Padding frames are zero on input (the model zeroes them first).
+    """
+    conv = module.conv
+    x = hidden_states.transpose(1, 2)
+    t = x.shape[-1]
+    k, pad = conv.kernel_size[0], conv.padding[0]
+    lo, hi = max(0, pad - (t - 1)), min(k - 1, pad + t - 1)
+    w = conv.weight  # weight norm recomputed here, as in the module (cheap next to the conv)
+    if lo > 0 or hi < k - 1:
+        w = w[:, :, lo : hi + 1]
+    y = nn.functional.conv1d(x, w, conv.bias, padding=pad - lo, groups=conv.groups)[..., :t]
+    return module.activation(y).transpose(1, 2)
+
+
+def wavlm_attention_fast(attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         position_bias: torch.Tensor | None = None, index: int = 0, **kwargs: Any):
+    """``WavLMAttention.forward`` (gated relative-position bias, key padding mask) with one fused
+    q/k/v product and ``scaled_dot_product_attention`` instead of ``multi_head_attention_forward``,
+    which also forms and head-averages the attention weights that extraction never reads. The
+    ungated bias is passed on as ``(1, heads, T, T)`` (HF: repeated per clip). Returns
+    ``(output, None, position_bias)`` as the module does."""
+    bsz, t, e = hidden_states.shape
+    h, d = attn.num_heads, attn.head_dim
+    if position_bias is None:
+        position_bias = attn.compute_bias(t, t)[None]  # (1, H, T, T)
+    elif position_bias.dim() == 3:  # HF's (B * H, T, T) layout
+        position_bias = position_bias.view(-1, h, t, t)[:1]
+    rel = attn.gru_rel_pos_linear(hidden_states.view(bsz, t, h, d))  # (B, T, H, 8)
+    gate_a, gate_b = torch.sigmoid(rel.view(bsz, t, h, 2, 4).sum(-1)).chunk(2, dim=-1)  # (B, T, H, 1)
+    gate = (gate_a * (gate_b * attn.gru_rel_pos_const.view(1, 1, h, 1) - 1.0) + 2.0).permute(0, 2, 1, 3)
+    bias = gate * position_bias  # (B, H, T, T)
+    if attention_mask is not None:
+        bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
+    w = _frozen("qkv_w", lambda: torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    b = _frozen("qkv_b", lambda: torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+                attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
+    q, k, v = nn.functional.linear(hidden_states, w, b).view(bsz, t, 3, h, d).permute(2, 0, 3, 1, 4)
+    drop = attn.dropout if attn.training else 0.0
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop)
+    out = attn.out_proj(out.transpose(1, 2).reshape(bsz, t, e))
+    return out, None, position_bias
+
+
+def wavlm_attention_swappable(attn: nn.Module) -> bool:
+    """Whether ``attn`` is transformers' ``WavLMAttention`` as :func:`wavlm_attention_fast` knows it."""
+    return (type(attn).__name__ == "WavLMAttention" and type(attn).forward.__module__.endswith("modeling_wavlm")
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "gru_rel_pos_linear",
+                                               "gru_rel_pos_const", "compute_bias"))
+            and attn.gru_rel_pos_linear.out_features == 8)
+
+
+@contextmanager
+def fast_transformer(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """While active, the model's positional convolution runs cropped (:func:`_pos_conv_cropped`)
+    and WavLM's attention through :func:`wavlm_attention_fast`; everything else is the model's own
+    forward. Modules of another layout are left as they are."""
+    swapped: list[nn.Module] = []
+    try:
+        if enabled:
+            enc = getattr(model, "encoder", None)
+            pos = getattr(enc, "pos_conv_embed", None)
+            if pos is not None and pos_conv_croppable(pos):
+                pos.forward = lambda hs, _m=pos: _pos_conv_cropped(_m, hs)
+                swapped.append(pos)
+            for layer in getattr(enc, "layers", []):
+                a = getattr(layer, "attention", None)
+                if a is not None and wavlm_attention_swappable(a):
+                    a.forward = lambda *args, _m=a, **kw: wavlm_attention_fast(_m, *args, **kw)
+                    swapped.append(a)
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
+
+
 @contextmanager
 def _feature_encoder_swapped(model: nn.Module, features: torch.Tensor) -> Iterator[None]:
     original = model.feature_extractor
@@ -129,6 +402,10 @@ class SSLEncoder(Encoder):
         # group-norm CNNs run batched with a masked norm when their layout is the known one,
         # otherwise one clip at a time
         self.cnn_per_clip = self.group_norm_cnn and not group_norm_batchable(self.model.feature_extractor)
+        # the CNN as matrix products (gemm_cnn) where its layout is a known one; else torch's Conv1d
+        self.cnn_gemm = gemm_cnn_supported(self.model.feature_extractor)
+        # cropped positional convolution and WavLM's attention without weights (fast_transformer)
+        self.transformer_fast = True
         # data2vec-audio's positional embedding is a stack of convolutions: values at masked
         # positions leak into real frames after the first one, so it only batches clips of equal
         # frame count (no mask needed at all then).
@@ -154,11 +431,13 @@ class SSLEncoder(Encoder):
             "cnn_mode": ("per-clip" if self.cnn_per_clip else
                          "batched, masked group norm" if self.group_norm_cnn else "batched"),
             "transformer_batching": "masked" if self.mask_exact else "equal-length",
+            # how the CNN is computed (the values agree to ~1e-6, not bit for bit)
+            "cnn_kernel": "gemm" if self.cnn_gemm else "conv1d",
             "do_normalize": self.do_normalize,
         }
         if fe_note:
             self.extra_attrs["encoder_note"] = fe_note
-        self.stats = {"frames": 0, "padded_frames": 0, "batches": 0}
+        self.stats = {"frames": 0, "padded_frames": 0, "batches": 0, "cnn_seconds": 0.0, "transformer_seconds": 0.0}
 
     # ------------------------------------------------------------------------------------------
     def num_frames(self, num_samples: int) -> int:
@@ -182,6 +461,9 @@ class SSLEncoder(Encoder):
     #: clips per CNN call: large padded batches of 16-kHz samples overflow the CPU caches (one
     #: 400-clip call measured ~20 % slower than clip by clip; chunks of 8-16 ~25 % faster)
     cnn_chunk = 16
+    #: padded samples per :func:`gemm_cnn` call (its matrix products want many rows; ~10 s of audio
+    #: keeps the largest intermediate, the first layer's output, near 100 MB)
+    cnn_gemm_samples = 160_000
 
     def cnn_outputs(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each preprocessed wave's CNN frames ``(C, num_frames)``, as if run alone.
@@ -191,6 +473,16 @@ class SSLEncoder(Encoder):
         """
         fe = self.model.feature_extractor
         out: list[torch.Tensor] = []
+        if self.cnn_gemm:
+            a = 0
+            while a < len(waves):  # chunks of at most cnn_gemm_samples padded samples
+                b, longest = a + 1, len(waves[a])
+                while b < len(waves) and (b + 1 - a) * max(longest, len(waves[b])) <= self.cnn_gemm_samples:
+                    longest = max(longest, len(waves[b]))
+                    b += 1
+                out += gemm_cnn(fe, waves[a:b])[0]
+                a = b
+            return out
         step = 1 if self.cnn_per_clip else self.cnn_chunk
         for a in range(0, len(waves), step):
             chunk = list(waves[a : a + step])
@@ -223,12 +515,18 @@ class SSLEncoder(Encoder):
         if not self.mask_exact and len(set(lengths)) > 1:
             raise ValueError(f"{self.config.get('model_type')} batches only clips of equal frame count, got {sorted(set(lengths))}")
         t_max = max(lengths)
-        full = torch.stack([nn.functional.pad(f, (0, t_max - t)) for f, t in zip(feats, lengths)])
-        mask = torch.zeros(len(waves), max(len(w) for w in waves), dtype=torch.long, device=self.device)
-        for i, w in enumerate(waves):
-            mask[i, : len(w)] = 1
+        if any(f.requires_grad for f in feats):
+            full = torch.stack([nn.functional.pad(f, (0, t_max - t)) for f, t in zip(feats, lengths)])
+        else:  # channels-last, as the model transposes it next (no copy there)
+            rows = feats[0].new_zeros(len(feats), t_max, feats[0].shape[0])
+            for i, f in enumerate(feats):
+                rows[i, : f.shape[-1]] = f.t()
+            full = rows.transpose(1, 2)
+        samples = torch.tensor([len(w) for w in waves], device=self.device)
+        mask = (torch.arange(int(samples.max()), device=self.device)[None] < samples[:, None]).long()
         dummy = torch.zeros(len(waves), 1, device=self.device)
-        with _feature_encoder_swapped(self.model, full), warnings.catch_warnings():
+        with _feature_encoder_swapped(self.model, full), fast_transformer(self.model, self.transformer_fast), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
             out = self.model(dummy, attention_mask=mask, output_hidden_states=True)
         return list(out.hidden_states), lengths
@@ -238,7 +536,16 @@ class SSLEncoder(Encoder):
         """All ``hidden_states`` of a batch, ``[(B, T_max, D)] * (layers+1)``, and true lengths."""
         waves = [torch.from_numpy(self.preprocess(c)).to(self.device) for c in clips]
         with self._autocast():
-            hidden, lengths = self.forward_hidden_states(waves)
+            t0 = time.perf_counter()
+            feats = self.cnn_outputs(waves)
+            if str(self.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            hidden, lengths = self.forward_hidden_states(waves, feats)
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        self.stats["cnn_seconds"] += t1 - t0
+        self.stats["transformer_seconds"] += time.perf_counter() - t1
         self.stats["frames"] += sum(lengths)
         self.stats["padded_frames"] += len(lengths) * max(lengths) - sum(lengths)
         self.stats["batches"] += 1
@@ -264,23 +571,36 @@ class SSLEncoder(Encoder):
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def common_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> list[list[np.ndarray]]:
+    def common_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0, fast: bool = False
+                        ) -> list[list[np.ndarray]]:
         """What the usual recipe computes: the feature extractor pads/truncates every clip to
         ``pad_seconds`` and the full model runs on the padded batch (with the attention mask only
-        when the checkpoint's feature extractor returns one). Returns each clip's true frames."""
+        when the checkpoint's feature extractor returns one; without one, ``do_normalize`` normalises
+        the padded vector, zeros included — as :meth:`padded_pipeline`). Returns each clip's true frames.
+
+        ``fast``: the same function through this encoder's fast paths (each padded window is one
+        "clip" of the GEMM CNN, whose group norm then spans the whole window as the model's does;
+        the transformer gets the recipe's mask), equal to the model's forward to ~1e-5 — what the
+        padding audit uses. Default: the model's own forward, what the recipe runs."""
         n_pad = int(round(pad_seconds * self.sample_rate))
         inputs = self.feature_extractor(
             [np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
-            padding="max_length", max_length=n_pad, truncation=True, return_attention_mask=True,
-            return_tensors="pt",
-        )
+            padding="max_length", max_length=n_pad, truncation=True, return_tensors="pt",
+        )  # the checkpoint's own defaults: a mask (and per-clip normalisation) only where it returns one
+        masked = "attention_mask" in inputs
         kwargs = {}
-        if getattr(self.feature_extractor, "return_attention_mask", False):
+        if masked:
             kwargs["attention_mask"] = inputs["attention_mask"].to(self.device)
+        x = inputs["input_values"].to(self.device)
         with self._autocast(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
-            out = self.model(inputs["input_values"].to(self.device), output_hidden_states=True, **kwargs)
-        stacked = torch.stack([out.hidden_states[k] for k in self.layer_ids]).float().cpu().numpy()
+            if fast:
+                feats = self.cnn_outputs(list(x))
+                real = inputs["attention_mask"].sum(-1).tolist() if masked else [n_pad] * len(clips)
+                hidden, _ = self.forward_hidden_states([x[i, : int(n)] for i, n in enumerate(real)], feats)
+            else:
+                hidden = self.model(x, output_hidden_states=True, **kwargs).hidden_states
+        stacked = torch.stack([hidden[k] for k in self.layer_ids]).float().cpu().numpy()
         lengths = [self.num_frames(min(len(c), n_pad)) for c in clips]
         return [[stacked[k, i, :t] for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
 
@@ -293,8 +613,8 @@ class SSLEncoder(Encoder):
         over each clip's own samples) only where it returns one; without one, ``do_normalize``
         normalises the padded vector, zeros included — then the full model on that batch, the mask
         passed only when returned. Returns each clip's true frames (of the clip as cut), or with
-        ``keep_padding`` every frame of the padded input. (:meth:`common_pipeline` always asks for
-        the mask, so its normalisation can differ from this one.)"""
+        ``keep_padding`` every frame of the padded input. (:meth:`common_pipeline`, which the padding
+        audit uses, computes the same true frames, optionally through the fast paths.)"""
         n_pad = int(round(float(pad_seconds) * self.sample_rate))
         full = self.num_frames(n_pad)
         if full == 0:
@@ -318,8 +638,8 @@ class SSLEncoder(Encoder):
         clips = [c for c in clips if self.num_frames(len(c)) > 0][:8]
         if not clips:
             return {}
-        padded = self.common_pipeline(clips, pad_seconds)
-        solo = [self.encode([c])[0] for c in clips]
+        padded = self.common_pipeline(clips, pad_seconds, fast=True)
+        solo = self.encode(clips)  # one padding-exact batch: each clip's solo frames (to ~1e-6)
         nl = len(self.layer_ids)
         max_abs = [max(float(np.abs(p[k] - s[k]).max()) for p, s in zip(padded, solo)) for k in range(nl)]
         mean_abs = [float(np.mean([np.abs(p[k] - s[k]).mean() for p, s in zip(padded, solo)])) for k in range(nl)]

@@ -183,6 +183,8 @@ class WhisperEncoder(Encoder):
             self.extra_attrs["whisper_note"] = f"feature extractor dither={fe.dither} ignored (deterministic features)"
         self._mel_filters = torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32)).to(device)
         self._window_fn = torch.hann_window(self._n_fft, device=device)
+        #: encoder layers through :func:`_layer_fast` (False: the Hugging Face modules)
+        self.fast_layers = True
         #: running totals of :meth:`encode`: clips, stored (clip) frames, window positions that were
         #: padding (computed but not stored) — Whisper's cost is per window, not per audio second
         self.stats = {"clips": 0, "frames": 0, "padded_frames": 0}
@@ -312,12 +314,15 @@ class WhisperEncoder(Encoder):
 
     def embed(self, mel):
         """``hidden_states[0]`` over the whole window: conv stem, GELUs and positional embeddings."""
+        import torch
         import torch.nn.functional as F
 
         enc = self.encoder
         x = F.gelu(enc.conv1(mel))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        return x + enc.embed_positions.weight[: x.shape[1]]
+        # contiguous (B, T, D): the sum would keep the permuted layout, and every later linear
+        # layer and residual sum would copy it again
+        return torch.add(x.contiguous(), enc.embed_positions.weight[: x.shape[1]])
 
     def run_layers(self, x, start: int, end: int | None = None, keep: int | None = None) -> list:
         """Run encoder layers ``start .. end - 1`` on ``x`` = ``hidden_states[start]`` (whole window).
@@ -333,8 +338,14 @@ class WhisperEncoder(Encoder):
             raise ValueError(f"layers {start}..{end} outside 0..{n}")
         states = []
         for i in range(start, end):
-            x = enc.layers[i](x, None)
-            states.append(enc.layer_norm(x)[:, :keep] if i == n - 1 else x[:, :keep])
+            layer = enc.layers[i]
+            fast = self.fast_layers and _fast_layer_ok(layer)
+            if i == n - 1:  # only the kept frames of the last layer are returned: only their queries
+                x = _layer_fast(layer, x, keep) if fast else layer(x, None)
+                states.append(enc.layer_norm(x[:, :keep]))
+            else:
+                x = _layer_fast(layer, x) if fast else layer(x, None)
+                states.append(x[:, :keep])
         return states
 
     # ------------------------------------------------------------------ audit
@@ -371,6 +382,44 @@ class WhisperEncoder(Encoder):
             "mean_abs": mean_abs,
             "mean_cosine": cosine,
         }
+
+
+def _fast_layer_ok(layer) -> bool:
+    """Whether ``layer`` is transformers' ``WhisperEncoderLayer`` as :func:`_layer_fast` knows it."""
+    attn = getattr(layer, "self_attn", None)
+    return (type(layer).__name__ == "WhisperEncoderLayer" and attn is not None
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj", "scaling", "num_heads"))
+            and all(hasattr(layer, a) for a in ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn")))
+
+
+def _layer_fast(layer, x, keep: int | None = None):
+    """``WhisperEncoderLayer.forward(x, None)`` with the outputs of the first ``keep`` positions only
+    (all when ``None``): keys and values from the whole window, queries, output projection and MLP
+    for the kept rows (row-wise the same sums). q/k/v go to ``scaled_dot_product_attention`` as
+    strided views, without the contiguous copies of the Hugging Face module."""
+    import torch
+    import torch.nn.functional as F
+
+    attn = layer.self_attn
+    bsz, t, e = x.shape
+    h_, d = attn.num_heads, e // attn.num_heads
+    tq = t if keep is None else min(int(keep), t)
+    h = layer.self_attn_layer_norm(x)
+    hq = h if tq == t else h[:, :tq]
+    q = (attn.q_proj(hq) * attn.scaling).view(bsz, tq, h_, d).transpose(1, 2)
+    k = attn.k_proj(h).view(bsz, t, h_, d).transpose(1, 2)
+    v = attn.v_proj(h).view(bsz, t, h_, d).transpose(1, 2)
+    drop = attn.dropout if attn.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=1.0)
+    o = attn.out_proj(o.transpose(1, 2).reshape(bsz, tq, e))
+    x = x[:, :tq] + F.dropout(o, p=layer.dropout, training=layer.training)
+    y = layer.activation_fn(layer.fc1(layer.final_layer_norm(x)))
+    y = F.dropout(y, p=layer.activation_dropout, training=layer.training)
+    x = x + F.dropout(layer.fc2(y), p=layer.dropout, training=layer.training)
+    if x.dtype == torch.float16:
+        clamp = torch.finfo(x.dtype).max - 1000
+        x = torch.clamp(x, min=-clamp, max=clamp)
+    return x
 
 
 def _check_context(value: float | None, full_seconds: float, step: float) -> float | None:

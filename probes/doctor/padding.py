@@ -134,6 +134,15 @@ def _exactness(view: View, ev: dict, warns: list, advice: list) -> str:
         if audit.get("pad_seconds") is not None:
             where += f" padded to {audit['pad_seconds']} s"
         audit_msg = f"padding inside the model moves frames by up to {mx.max():.2f} ({where}, extraction's audit)"
+        if audit.get("reference") == "full-30s":  # a Whisper --context-seconds store: the audit is of the window
+            ctx = audit.get("context_seconds")
+            ev["audit_context_seconds"] = ctx
+            win = f"{ctx:g}-s" if isinstance(ctx, (int, float)) else "shortened"
+            where = f"layer {int(mx.argmax())}" + (f"; {audit['clips']} clips" if audit.get("clips") else "")
+            audit_msg = (f"the {win} context window moves frames by up to {mx.max():.2f} against Whisper's full "
+                         f"30-s window ({where}, extraction's audit)")
+            if exact:
+                return f"{audit_msg}; the store's frames are the {win} window's, each clip's own"
     if not exact:
         recipe = _recipe_words(attrs.get("padding_recipe"))
         ev["padding_recipe"] = attrs.get("padding_recipe") if isinstance(attrs.get("padding_recipe"), Mapping) else None

@@ -1,0 +1,193 @@
+"""Fast paths of the SSL encoders against the Hugging Face forward: the CNN as matrix products
+(group norm folded per clip), the cropped positional convolution, WavLM's attention without
+weights. Tiny models from configs; every fast path is checked against the model's own modules."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from featstore.encoders.hf_ssl import (SSLEncoder, _pos_conv_cropped, fast_transformer, gemm_cnn, gemm_cnn_supported,
+                                       masked_group_norm_cnn, pos_conv_croppable, wavlm_attention_fast,
+                                       wavlm_attention_swappable)
+from tests.conftest import save_tiny
+
+KINDS = ["wavlm", "wav2vec2", "wav2vec2-layer", "hubert"]
+SIZES = [16000, 400, 719, 1040, 4000, 3333]  # one batch: up to 40x padding, 1..49 frames
+
+
+def _waves(seed: int = 3, offset: float = 0.0) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [torch.from_numpy((offset + 0.1 * rng.normal(size=n)).astype(np.float32)) for n in SIZES]
+
+
+@pytest.fixture(scope="module")
+def biased_layer_norm_model(tmp_path_factory):
+    """A layer-norm CNN with conv biases (wav2vec2-large-lv60's layout)."""
+    return save_tiny("wav2vec2-layer", tmp_path_factory.mktemp("m") / "ln-bias", conv_bias=True)
+
+
+@pytest.mark.parametrize("kind", KINDS + ["ln-bias"])
+def test_gemm_cnn_equals_the_feature_encoder_on_each_clip_alone(tiny_models, biased_layer_norm_model, kind):
+    enc = SSLEncoder(biased_layer_norm_model if kind == "ln-bias" else tiny_models[kind])
+    fe = enc.model.feature_extractor
+    assert gemm_cnn_supported(fe) and enc.cnn_gemm and enc.extra_attrs["cnn_kernel"] == "gemm"
+    waves = _waves(offset=0.3)  # a DC offset: the folded group-norm mean must remove it
+    with torch.inference_mode():
+        out, counts = gemm_cnn(fe, waves)
+        assert counts == [0 if n < 400 else (n - 400) // 320 + 1 for n in SIZES] == [49, 1, 1, 3, 12, 10]
+        worst = 0.0
+        for w, o in zip(waves, out):
+            solo = fe(w[None])[0]
+            assert o.shape == solo.shape
+            worst = max(worst, float((o - solo).abs().max()))
+        assert worst <= 1e-5
+        if enc.group_norm_cnn:
+            masked, _ = masked_group_norm_cnn(fe, waves)
+            assert max(float((o - masked[i, :, :c]).abs().max()) for i, (o, c) in enumerate(zip(out, counts))) <= 1e-5
+
+
+def test_gemm_cnn_gradients_equal_conv1d(tiny_models):
+    """Fine-tuning the CNN: the same gradients as torch's Conv1d path."""
+    enc = SSLEncoder(tiny_models["wavlm"])
+    fe = enc.model.feature_extractor
+    waves = _waves()[1:5]
+    grads = []
+    for fast in (True, False):
+        fe.zero_grad()
+        enc.cnn_gemm = fast
+        loss = sum((f ** 2).sum() for f in enc.cnn_outputs(waves))
+        loss.backward()
+        grads.append([p.grad.clone() for p in fe.parameters()])
+    for g_fast, g_ref in zip(*grads):
+        assert torch.allclose(g_fast, g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("t", [1, 3, 7, 40])
+def test_cropped_positional_conv_equals_the_module(tiny_models, t):
+    model = SSLEncoder(tiny_models["wavlm"]).model
+    pos = model.encoder.pos_conv_embed
+    assert pos_conv_croppable(pos) and pos.conv.kernel_size[0] == 16
+    x = torch.randn(3, t, pos.conv.in_channels)
+    x[1, t // 2 + 1 :] = 0  # padding frames are zero, as the model sets them
+    with torch.no_grad():
+        ref = pos(x)
+        got = _pos_conv_cropped(pos, x)
+    assert got.shape == ref.shape == x.shape
+    assert float((got - ref).abs().max()) <= 1e-5
+
+
+def test_fast_wavlm_attention_equals_the_module_with_padding(tiny_models):
+    model = SSLEncoder(tiny_models["wavlm"]).model
+    layers = model.encoder.layers
+    assert all(wavlm_attention_swappable(layer.attention) for layer in layers)
+    torch.manual_seed(1)
+    x = torch.randn(3, 9, model.config.hidden_size)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0
+    with torch.no_grad():
+        ref0, _, bias_ref = layers[0].attention(x, attention_mask=mask)
+        got0, _, bias_got = wavlm_attention_fast(layers[0].attention, x, attention_mask=mask)
+        assert float((got0 - ref0).abs().max()) <= 1e-5
+        # the next layer gets the ungated bias from the first (HF: per clip; here once)
+        ref1, _, _ = layers[1].attention(x, attention_mask=mask, position_bias=bias_ref)
+        got1, _, _ = wavlm_attention_fast(layers[1].attention, x, attention_mask=mask, position_bias=bias_got)
+        got1b, _, _ = wavlm_attention_fast(layers[1].attention, x, attention_mask=mask, position_bias=bias_ref)
+    assert float((got1 - ref1).abs().max()) <= 1e-5 and float((got1b - ref1).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS + ["data2vec-audio"])
+def test_fast_encode_equals_the_hf_forward_batched_and_solo(tiny_models, kind):
+    enc = SSLEncoder(tiny_models[kind])
+    rng = np.random.default_rng(5)
+    sizes = [4000, 4000, 4000] if kind == "data2vec-audio" else SIZES
+    clips = [(0.1 * rng.normal(size=n)).astype(np.float32) for n in sizes]
+    swapped = []
+    with fast_transformer(enc.model):
+        swapped = [m for m in enc.model.modules() if "forward" in vars(m)]
+    assert not [m for m in enc.model.modules() if "forward" in vars(m)]  # restored afterwards
+    assert len(swapped) == {"wavlm": 3, "data2vec-audio": 0}.get(kind, 1)  # pos conv (+ WavLM's 2 attentions)
+    batched = enc.encode(clips)
+    solo = [enc.encode([c])[0] for c in clips]
+    with torch.inference_mode():
+        hf = [enc.model(torch.from_numpy(enc.preprocess(c))[None], output_hidden_states=True).hidden_states for c in clips]
+    worst_solo = max(float(np.abs(a - b).max()) for f, s in zip(batched, solo) for a, b in zip(f, s))
+    worst_hf = max(float((torch.from_numpy(a) - h[0]).abs().max()) for f, hs in zip(batched, hf) for a, h in zip(f, hs))
+    assert worst_solo <= 1e-4 and worst_hf <= 1e-4
+
+
+@pytest.mark.parametrize("kind,mask", [("wavlm", True), ("wavlm", False), ("wav2vec2-layer", True), ("hubert", False)])
+def test_fast_padded_recipe_equals_the_model_forward(tiny_models, kind, mask):
+    """The padding audit's padded pipeline through the fast paths equals the model's own forward on
+    the padded batch (with and without the recipe's attention mask)."""
+    enc = SSLEncoder(tiny_models[kind])
+    enc.feature_extractor.return_attention_mask = mask
+    rng = np.random.default_rng(2)
+    clips = [(0.1 * rng.normal(size=n)).astype(np.float32) for n in (1300, 2100, 400, 5000)]
+    ref = enc.common_pipeline(clips, pad_seconds=0.25)
+    got = enc.common_pipeline(clips, pad_seconds=0.25, fast=True)
+    assert [len(g[0]) for g in got] == [len(r[0]) for r in ref] == [3, 6, 1, 12]
+    assert max(float(np.abs(a - b).max()) for g, r in zip(got, ref) for a, b in zip(g, r)) <= 1e-4
+    # and the padding moves the frames by far more than that (what the audit measures)
+    solo = [enc.encode([c])[0] for c in clips]
+    assert max(float(np.abs(a - b[: len(a)]).max()) for g, s in zip(got, solo) for a, b in zip(g, s)) > 1e-2
+
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    config = WhisperConfig(d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
+                           max_target_positions=16, max_source_positions=1500, num_mel_bins=80, pad_token_id=1,
+                           bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
+    model = WhisperModel(config)
+    with torch.no_grad():  # weights large enough that attention over the window matters
+        for p in model.encoder.layers.parameters():
+            p.mul_(20.0)
+    d = tmp_path_factory.mktemp("whisper") / "tiny"
+    model.save_pretrained(d)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("context", [None, 1.0])
+def test_fast_whisper_layers_equal_the_hf_encoder(tiny_whisper, context):
+    from featstore.encoders.registry import load_encoder
+    from featstore.encoders.whisper import _fast_layer_ok
+
+    enc = load_encoder(str(tiny_whisper), device="cpu", context_seconds=context)
+    assert enc.fast_layers and all(_fast_layer_ok(layer) for layer in enc.encoder.layers)
+    rng = np.random.default_rng(4)
+    clips = [(0.2 * rng.normal(size=n)).astype(np.float32) for n in (2400, 321, 8000)]
+    fast = enc.encode(clips)
+    solo = enc.encode(clips[1:2])[0]
+    enc.fast_layers = False
+    ref = enc.encode(clips)
+    assert [len(f[0]) for f in fast] == [len(r[0]) for r in ref] == [8, 2, 25]
+    assert max(float(np.abs(a - b).max()) for f, r in zip(fast, ref) for a, b in zip(f, r)) <= 1e-4
+    assert max(float(np.abs(a - b).max()) for a, b in zip(fast[1], solo)) <= 1e-4
+    # the reference is the Hugging Face encoder's own output
+    if context is None:
+        with torch.inference_mode():
+            hf = enc.encoder(enc.log_mel(clips[:1]), output_hidden_states=True).hidden_states
+        assert max(float((torch.from_numpy(a) - h[0, :8]).abs().max()) for a, h in zip(fast[0], hf)) <= 1e-4
+
+
+def test_extraction_records_where_the_time_went(tiny_models, clip_set, tmp_path):
+    import time
+
+    import featstore
+    from featstore.extract import extract
+
+    before = time.time()
+    res = extract(clip_set, str(tiny_models["wavlm"]), tmp_path / "s.h5", progress=False, device="cpu")
+    tim = featstore.open(res.path).attrs["extraction_stats"]["timings"]
+    assert before <= tim["first_batch_unix"] <= time.time()
+    assert 0 < tim["first_batch_after_start"] < res.wall_seconds
+    assert 0 < tim["cnn"] + tim["transformer"] <= tim["encode"] <= tim["batch_loop"] < res.wall_seconds
+    assert tim["write"] > 0 and tim["decode_wait"] >= 0 and tim["audit"] > 0
+    assert res.timings["finalize"] > 0
