@@ -322,6 +322,8 @@ def extract(
     t0 = time.perf_counter()
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    if not (isinstance(batch_seconds, (int, float)) and math.isfinite(batch_seconds) and batch_seconds > 0):
+        raise ValueError(f"--batch-seconds must be a positive number of seconds, not {batch_seconds!r}")
     if isinstance(manifest, Manifest):
         man = manifest
         check_column_names(list(man.extra_columns), man.source)
@@ -337,6 +339,8 @@ def extract(
     rows = [man.rows[i] for i in rows_idx]
     name = model.name if isinstance(model, Encoder) else str(model)
     out = Path(out) if out else default_out(name, man.source, shard_t)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give the store's file name, e.g. {out / 'features.h5'}")
     with WriterLock(out, "featstore extract") as lock:
         if lock.note:
             _note(console, lock.note)
