@@ -1090,9 +1090,15 @@ def _layout_problem(h5: h5py.File) -> str | None:
         if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
             return f"items/{name} is not a 1-D column"
         lengths[name] = ds.shape[0]
-    for col in ("id", "status", "offset", "num_frames", "label", "group"):
+    for col in ("id", "path", "label", "group", "status", "error", "offset", "num_frames", "segment_start_frame",
+                "segment_end_frame"):
         if col not in lengths:
             return f"no items/{col} column"
+        kind = items[col].dtype.kind
+        if ITEM_COLUMNS[col] == "i" and kind not in "iu":
+            return f"items/{col} holds {items[col].dtype} values, not integers"
+        if ITEM_COLUMNS[col] == "s" and kind not in "OSU":
+            return f"items/{col} holds {items[col].dtype} values, not strings"
     n = lengths["id"]
     short = {k: v for k, v in lengths.items() if v != n}
     if short:
@@ -1113,8 +1119,6 @@ def _layout_problem(h5: h5py.File) -> str | None:
         return "layers have different frame totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))
     total = next(iter(totals.values()))
     offset, nfr = items["offset"][:], items["num_frames"][:]
-    if offset.dtype.kind not in "iu" or nfr.dtype.kind not in "iu":
-        return "items/offset and items/num_frames must be integers"
     if (nfr < 0).any():
         return "negative items/num_frames"
     live = nfr > 0
