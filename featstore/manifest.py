@@ -545,6 +545,16 @@ class _Lines:
         return self.lines[self.pos - 1]
 
 
+def _swallows_rows(fields: list[str], delimiter: str, width: int) -> bool:
+    """A field that runs over lines one of which looks like a whole row (``width - 1`` delimiters,
+    and at least 2): a quote left open that a quote in a later row closed."""
+    for f in fields:
+        lines = re.split(r"\r\n|\r|\n", f)
+        if len(lines) > 1 and any(line.count(delimiter) >= max(2, width - 1) for line in lines):
+            return True
+    return False
+
+
 def split_records(text: str, delimiter: str, header: bool = False) -> list[tuple[int, list[str] | None, str | None]]:
     r"""CSV records of ``text`` as ``(line, fields, problem)``: ``line`` is the physical line the
     record starts on (``\n``, ``\r\n`` and ``\r`` end lines; quoted fields may span lines), blank
@@ -579,15 +589,16 @@ def split_records(text: str, delimiter: str, header: bool = False) -> list[tuple
                 src.pos = first + 1
                 reader = csv.reader(src, delimiter=delimiter, strict=True, skipinitialspace=True)
                 continue
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
+            if not "".join(lines[first:src.pos]).strip():  # a blank line (a quoted "" is a row)
                 continue
             n = len(fields)
             while n and not fields[n - 1].strip():
                 n -= 1
             if header and width is None:
                 width = n
-            elif width is not None and src.pos - first > 1 and not n <= width <= len(fields):
-                out.append((first + 1, None, f"has a quote that runs over {src.pos - first} lines{quote_hint}"))
+            elif width is not None and src.pos - first > 1 and (not n <= width <= len(fields)
+                                                                or _swallows_rows(fields, delimiter, width)):
+                out.append((first + 1, None, f"has an unclosed quote (it runs on to line {src.pos}){quote_hint}"))
                 src.pos = first + 1
                 reader = csv.reader(src, delimiter=delimiter, strict=True, skipinitialspace=True)
                 continue

@@ -130,6 +130,16 @@ def test_an_unclosed_quote_costs_its_row_only(clips):
     assert rows[3].error.startswith("line 5: breaks the CSV quoting rules")
 
 
+def test_a_quote_closed_by_the_next_rows_quote_and_a_quoted_empty_row(clips):
+    man = clips / "m.csv"
+    man.write_text('remark,label,path\nok,x,a.wav\n",y,b.wav\n",z,c.wav\n""\n  \nok,w,b.wav\n')
+    rows = read_manifest(man).rows
+    assert [(r.line, r.id, r.status) for r in rows] == [(2, "a", ""), (3, "line3", "bad_row"), (4, "line4", "bad_row"),
+                                                        (5, "line5", "bad_row"), (7, "b", "")]
+    assert rows[1].error.startswith("line 3: has an unclosed quote (it runs on to line 4)")
+    assert rows[3].error == "line 5: 1 field, the header has 3 (remark, label, path)"
+
+
 def test_a_nul_character_costs_its_row_only(clips):
     man = clips / "m.csv"
     man.write_bytes(b"path,label\na.wav,x\nb.wav,y\x00y\nc.wav,z\n")
@@ -299,3 +309,22 @@ def test_damaged_stores_handed_to_probes_give_one_line_naming_the_file(good_stor
         line = error_line(res.output)
         assert str(path) in line and words in line, line
     assert featstore.check_store(path)  # `featstore check` still lists the problems
+
+
+def test_the_installed_command_on_a_hostile_manifest(clips):
+    """The real entry point (a subprocess, as a user runs it): bad rows cost their row, and no
+    traceback is printed (exit 2 for a manifest that cannot be used is checked in-process above)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    man = clips / "m.csv"
+    man.write_bytes("path,label,start,end\na.wav,x,0,inf\n\"b.wav,y,,\nc.wav,z,,\n".encode("utf-16"))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for path, code, words in ((man, 0, "a: bad_row line 2: start/end must be finite"),):
+        proc = subprocess.run([sys.executable, "-m", "cli.featstore_app", "extract", "--manifest", str(path), "--model",
+                               "logmel", "--out", str(path.with_suffix(".h5"))], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        text = " ".join((proc.stdout + proc.stderr).split())
+        assert proc.returncode == code and "Traceback" not in text and words in text, text[-1000:]
+    assert [s for _, s, _ in statuses(man.with_suffix(".h5"))] == ["bad_row", "bad_row", "ok"]
