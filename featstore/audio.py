@@ -41,8 +41,9 @@ class Clip:
         return 20.0 * np.log10(max(rms, 1e-10))
 
 
-#: lowest sample rate taken as audio (a header claiming 1 Hz would resample into millions of samples)
-MIN_SAMPLE_RATE = 1000
+#: sample rates taken as audio (a header claiming 1 Hz would resample into millions of samples, one
+#: claiming 800 MHz into none)
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 10_000_000
 
 
 def check_file(path: str | Path) -> Path:
@@ -77,7 +78,7 @@ def probe_duration(path: str | Path) -> float | None:
         info = sf.info(str(path))
     except Exception:  # noqa: BLE001 - any decoder failure means "unknown"
         return None
-    if not info.samplerate or info.samplerate < MIN_SAMPLE_RATE or info.frames < 0:
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE or info.frames < 0:
         return None
     return info.frames / info.samplerate
 
@@ -102,8 +103,9 @@ def load_audio(
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
             channels = f.channels
-            if not sr or sr < MIN_SAMPLE_RATE:
-                raise AudioError("unreadable", f"{path.name}: sample rate {sr} Hz is not audio (at least {MIN_SAMPLE_RATE} Hz)")
+            if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+                raise AudioError("unreadable", f"{path.name}: sample rate {sr} Hz is not audio ({MIN_SAMPLE_RATE} Hz to "
+                                 f"{MAX_SAMPLE_RATE // 1_000_000} MHz)")
             if start is not None:
                 f.seek(min(f.frames, max(0, int(round(start * sr)))))
             frames = -1 if end is None else max(0, int(round(end * sr)) - int(round((start or 0) * sr)))
@@ -128,4 +130,6 @@ def load_audio(
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a huge clip
             raise AudioError("unreadable", f"cannot resample {path.name} from {sr} Hz: {exc}") from None
         notes.append(f"resampled from {sr} Hz")
+        if not len(x):
+            raise AudioError("empty", f"{path.name}: {data.shape[0]} samples at {sr} Hz are none at {sample_rate} Hz")
     return Clip(np.ascontiguousarray(x, dtype=np.float32), sample_rate, ", ".join(notes))

@@ -137,7 +137,9 @@ def audio_bytes(draw) -> bytes:
     sr = draw(st.sampled_from([1, 10, 999, 1000, 8000, 16000, 44100, 192000]))
     ch = draw(st.integers(1, 4))
     n = draw(st.integers(0, 3000))
-    kind = draw(st.sampled_from(["zeros", "noise", "nan", "inf", "huge"]))
+    # NaN/inf/1e30 only where the file can hold them (libsndfile's Vorbis encoder crashes on them)
+    kind = draw(st.sampled_from(["zeros", "noise", "nan", "inf", "huge"] if subtype in ("FLOAT", "DOUBLE") else
+                                ["zeros", "noise"]))
     x = np.zeros((n, ch), np.float32) if kind == "zeros" else np.random.default_rng(n).standard_normal((n, ch)).astype(np.float32)
     if n and kind in ("nan", "inf"):
         x[draw(st.integers(0, n - 1)), 0] = np.nan if kind == "nan" else np.inf

@@ -195,8 +195,14 @@ def test_paths_that_are_not_audio_files(clips):
 
 def test_audio_headers_that_lie(clips):
     sf.write(str(clips / "one_hz.wav"), np.zeros(50, np.float32), 1, subtype="PCM_16")
-    with pytest.raises(AudioError, match="sample rate 1 Hz is not audio"):
+    with pytest.raises(AudioError, match=r"sample rate 1 Hz is not audio \(1000 Hz to 10 MHz\)"):
         load_audio(clips / "one_hz.wav", 16000)
+    raw = bytearray((clips / "a.wav").read_bytes())  # the header's sample rate (bytes 24-27) says 800 MHz
+    raw[24:28] = (800_000_000).to_bytes(4, "little")
+    (clips / "fast.wav").write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match="sample rate 800000000 Hz is not audio"):  # resampled to 0 samples before
+        load_audio(clips / "fast.wav", 16000)
+    assert probe_duration(clips / "fast.wav") is None
     for start, end in ((0.0, float("inf")), (float("nan"), 1.0), (0.0, 1e300)):
         with pytest.raises(AudioError) as exc:
             load_audio(clips / "a.wav", 16000, start, end)
