@@ -589,7 +589,8 @@ def split_records(text: str, delimiter: str, header: bool = False) -> list[tuple
                 src.pos = first + 1
                 reader = csv.reader(src, delimiter=delimiter, strict=True, skipinitialspace=True)
                 continue
-            if not "".join(lines[first:src.pos]).strip():  # a blank line (a quoted "" is a row)
+            raw_text = "".join(lines[first:src.pos])
+            if not raw_text.strip() and delimiter not in raw_text:  # a blank line ("" or a row of delimiters is a row)
                 continue
             n = len(fields)
             while n and not fields[n - 1].strip():

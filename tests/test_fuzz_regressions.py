@@ -136,6 +136,9 @@ def test_a_quote_closed_by_the_next_rows_quote_and_a_quoted_empty_row(clips):
     rows = read_manifest(man).rows
     assert [(r.line, r.id, r.status) for r in rows] == [(2, "a", ""), (3, "line3", "bad_row"), (4, "line4", "bad_row"),
                                                         (5, "line5", "bad_row"), (7, "b", "")]
+    tsv = clips / "m.tsv"
+    tsv.write_text("path\tlabel\na.wav\tx\n\t\n \n")  # a row of tabs is a row, a line of spaces is blank
+    assert [(r.line, r.status, r.error) for r in read_manifest(tsv).rows] == [(2, "", ""), (3, "bad_row", "line 3: empty path")]
     assert rows[1].error.startswith("line 3: has an unclosed quote (it runs on to line 4)")
     assert rows[3].error == "line 5: 1 field, the header has 3 (remark, label, path)"
 
