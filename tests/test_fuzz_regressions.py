@@ -304,7 +304,7 @@ def _damaged(good: Path, d: Path, kind: str) -> Path:
     ("truncated", "is not a readable featstore file: HDF5 cannot open it (truncated file"),
     ("version2", "has format_version 2; this featstore reads version 1"),
     ("partial", "is a directory, not a store file (the batch directory of an unfinished run)"),
-    ("items_shorter", "is damaged: items/num_frames sum to"),
+    ("items_shorter", "is damaged: its 10 items own frames up to row 85 but layers/ holds 261: the items table is shorter"),
     ("column_shorter", "is damaged: items/label has 5 rows but items/id has 32"),
 ])
 def test_damaged_stores_handed_to_probes_give_one_line_naming_the_file(good_store, tmp_path, kind, words):
