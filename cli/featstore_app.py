@@ -15,6 +15,13 @@ console = Console(stderr=True, soft_wrap=True)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def _esc(value: object) -> str:
+    """``value`` as text that rich prints as it is (paths, ids and messages may hold ``[...]``)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def fail(message: str, code: int = EXIT_USAGE) -> None:
     """One red line, no traceback (the message is printed as it is: no rich markup)."""
     from rich.markup import escape
@@ -94,11 +101,11 @@ def extract(
              "cause and run the same command again to resume", EXIT_FAILED)
     if res.interrupted:
         how = "stopped by SIGTERM after the batch in flight" if res.stopped_by == "SIGTERM" else "interrupted"
-        console.print(f"[yellow]{how}[/]: committed batches are kept in {partial_path(res.path)}; run the same "
+        console.print(f"[yellow]{how}[/]: committed batches are kept in {_esc(partial_path(res.path))}; run the same "
                       "command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
     if res.already_done:
-        console.print(f"[green]{res.path} is already complete[/] ({res.ok} of {res.items} items ok; built with "
+        console.print(f"[green]{_esc(res.path)} is already complete[/] ({res.ok} of {res.items} items ok; built with "
                       "this command's inputs and settings; --overwrite rebuilds it)")
     else:
         _print_summary(res)
@@ -119,13 +126,13 @@ def _print_summary(res) -> None:
         console.print(f"[yellow]{len(res.failures)} item(s) not extracted:[/]")
         for i, (item, status, msg) in enumerate(res.failures):
             if i == 50:
-                console.print(f"  ... and {len(res.failures) - 50} more (see `featstore info {res.path} --failures`)")
+                console.print(f"  ... and {len(res.failures) - 50} more (see `featstore info {_esc(res.path)} --failures`)")
                 break
-            console.print(f"  {item}: [bold]{status}[/] {msg}")
+            console.print(f"  {_esc(item)}: [bold]{_esc(status)}[/] {_esc(msg)}")
     notes = Counter(n for _, n in res.notes)
     for note, count in notes.most_common(5):
-        console.print(f"[dim]note: {count} item(s): {note}[/]")
-    t = Table(title=f"featstore extract -> {res.path}")
+        console.print(f"[dim]note: {count} item(s): {_esc(note)}[/]")
+    t = Table(title=f"featstore extract -> {_esc(res.path)}")
     for col in ("items", "ok", "failed", "audio s", "wall s", "audio s/s", "clips/s", "padded frames"):
         t.add_column(col, justify="right")
     processed = res.processed
@@ -158,7 +165,7 @@ def info(
         items = store.items
         ok = items["status"] == "ok"
         dur = items.loc[ok, "num_samples"].to_numpy() / float(a["sample_rate"])
-        t = Table(title=str(file), show_header=False)
+        t = Table(title=_esc(file), show_header=False)
         t.add_column("key", style="bold")
         t.add_column("value")
         t.add_row("encoder", f"{a['encoder']} ({a.get('encoder_revision', '')})")
@@ -203,7 +210,7 @@ def check(file: Path = typer.Argument(..., help="A store file.")) -> None:
     problems = check_store(file)
     if problems:
         for p in problems:
-            console.print(f"[red]✗[/] {p}")
+            console.print(f"[red]✗[/] {_esc(p)}")
         raise typer.Exit(1)
     Console().print(f"[green]✓[/] {file}: layout and invariants hold")
 

@@ -437,6 +437,8 @@ def extract(
     t0 = time.perf_counter()
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+    if not (isinstance(batch_seconds, (int, float)) and math.isfinite(batch_seconds) and batch_seconds > 0):
+        raise ValueError(f"--batch-seconds must be a positive number of seconds, not {batch_seconds!r}")
     pad_seconds = check_padding_options(emulate_padding, keep_padding)
     if random_init is not None:
         from featstore.encoders.registry import check_seed
@@ -465,6 +467,8 @@ def extract(
         suffix = _variant_suffix(None if pad_seconds is None else {"pad_seconds": pad_seconds, "keep_padding": keep_padding},
                                  random_init)
         out = out.with_name(out.stem + suffix + out.suffix)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give the store's file name, e.g. {out / 'features.h5'}")
     with WriterLock(out, "featstore extract") as lock:
         if lock.note:
             _note(console, lock.note)

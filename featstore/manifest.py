@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import codecs
+import io
 import json
+import math
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from featstore.store import ITEM_COLUMNS
 
@@ -37,6 +41,11 @@ FORMATS = ("auto", "csv", "folder", "lhotse", "hf")
 _TIME_UNITS = r"(?:_?(?:s|sec|secs|seconds|time|t|ms|msec))?"
 _TIME_PREFIX = r"(?:(?:seg|segment|t|time|word|phone|interval|target|utt|utterance)_?)?"
 _LOOKS_START = re.compile(rf"^{_TIME_PREFIX}(?:start|begin|onset){_TIME_UNITS}$|^[tx]_?min$|^starttime$")
+#: longest manifest field in characters (csv's default ``field_size_limit``); a longer one makes its
+#: row a ``bad_row`` instead of ending the run
+MAX_FIELD = 131072
+#: segment times beyond this many seconds (116 days) are refused as not being times in a clip
+MAX_SECONDS = 1e7
 _LOOKS_END = re.compile(rf"^{_TIME_PREFIX}(?:end|stop|offset){_TIME_UNITS}$|^[tx]_?max$|^endtime$")
 
 
@@ -133,8 +142,10 @@ def read_manifest(
         rows, extra, digest = _read_folder(source)
         gcol, used = None, {}
     elif kind == "csv":
-        if not source.is_file():
+        if not source.exists():
             raise ManifestError(f"manifest not found: {source}")
+        if not source.is_file():
+            raise ManifestError(f"{source} is not a regular file: a manifest is a CSV/TSV text file")
         rows, extra, digest, gcol, used = _read_table(source, group_column, mapping)
     else:
         from featstore import sources
@@ -178,10 +189,10 @@ def check_column_names(extra: list[str], source: str | Path, generated: tuple[st
     dup = sorted({c for c in extra if extra.count(c) > 1})
     if dup:
         problems.append(f"column{'s' if len(dup) > 1 else ''} {', '.join(repr(c) for c in dup)} appear twice in the header")
-    odd = [c for c in extra if not c.strip() or "/" in c]
+    odd = [c for c in extra if not c.strip() or "/" in c or c in (".", "..") or any(ord(ch) < 32 for ch in c)]
     if odd:
-        problems.append(f"column name{'s' if len(odd) > 1 else ''} {', '.join(repr(c) for c in odd)} cannot be stored "
-                        "(empty, or containing '/')")
+        problems.append(f"column name{'s' if len(odd) > 1 else ''} {', '.join(repr(_short(c)) for c in odd)} cannot be "
+                        "stored (empty, '.', '..', or containing '/' or a control character)")
     if problems:
         raise ManifestError(f"{source}: " + "; ".join(problems))
 
@@ -284,8 +295,15 @@ def rows_from_records(
     rows = []
     for where, n, rec in records:
         rec = {k: _cell(v) for k, v in rec.items() if k is not None}
+        bad_col, cell_problem = _cell_problem(rec)  # before sanitising: the message names what was there
+        if cell_problem:
+            rec = {k: _sanitize(v) for k, v in rec.items()}
         p = rec.get(pc, "")
-        rid = (rec.get(ic, "") if ic else "") or rec.get("_id", "") or (Path(p).stem if p else f"line{n}")
+        if bad_col is not None and (bad_col == ic or (bad_col == pc and not (ic and rec.get(ic)))):
+            # the id would be the broken value (or the stem of a broken path): name the row by its line
+            rid = f"line{n}"
+        else:
+            rid = (rec.get(ic, "") if ic else "") or rec.get("_id", "") or (Path(p).stem if p else f"line{n}")
         row = Row(
             line=n, id=rid, path=resolve_path(p) if p else p,
             label=rec.get(lc, "") if lc else "", group=rec.get(gcol, "") if gcol else "",
@@ -301,16 +319,60 @@ def rows_from_records(
             row.start = float(s_raw) if s_raw else None
             row.end = float(e_raw) if e_raw else None
         except ValueError:
-            row.status, row.error = "bad_row", f"{loc}: start/end are not numbers ({s_raw!r}, {e_raw!r})"
+            row.start = row.end = None
+            row.status, row.error = "bad_row", f"{loc}: start/end are not numbers ({_short(s_raw)!r}, {_short(e_raw)!r})"
         else:
-            if (row.start is None) != (row.end is None):
-                row.status, row.error = "bad_row", f"{loc}: give both start and end, or neither"
-            elif row.start is not None and not (row.start >= 0 and row.end > row.start):  # also catches NaN
-                row.status, row.error = "bad_row", f"{loc}: segment [{row.start}, {row.end}) is empty or negative"
+            problem = segment_problem(row.start, row.end)
+            if problem:
+                row.start = row.end = None  # never handed on: a bad row is not extracted
+                row.status, row.error = "bad_row", f"{loc}: {problem}"
+        if cell_problem:
+            row.status, row.error = "bad_row", f"{loc}: {cell_problem}"
         if rec.get("_status"):
             row.status, row.error = rec["_status"], rec.get("_error", "")
         rows.append(row)
     return rows, extra, used, gcol
+
+
+def segment_problem(start: float | None, end: float | None) -> str | None:
+    """Why ``[start, end)`` seconds is not a segment (``None`` when it is one, or when both are
+    ``None``): one of the two missing, not finite (``nan``, ``inf``, ``1e999``), negative, beyond
+    :data:`MAX_SECONDS`, or reversed/empty."""
+    if start is None and end is None:
+        return None
+    if (start is None) != (end is None):
+        return "give both start and end, or neither"
+    if not (math.isfinite(start) and math.isfinite(end)):
+        return f"start/end must be finite numbers of seconds ({start!r}, {end!r})"
+    if start > MAX_SECONDS or end > MAX_SECONDS:
+        return f"segment [{start}, {end}) lies beyond {MAX_SECONDS:.0e} s: not a time in a clip"
+    if not (start >= 0 and end > start):
+        return f"segment [{start}, {end}) is empty or negative"
+    return None
+
+
+def _cell_problem(rec: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """A value the store cannot keep: a NUL character or a field longer than :data:`MAX_FIELD`
+    characters (almost always an unclosed quote that swallowed the rows after it)."""
+    for k, v in rec.items():
+        if k.startswith("_"):
+            continue
+        if "\x00" in v:
+            return k, f"column {_short(k)!r} contains a NUL character"
+        if len(v) > MAX_FIELD:
+            return k, (f"column {_short(k)!r} holds {len(v):,} characters (at most {MAX_FIELD:,}; an unclosed quote, "
+                       "or a file that is not a manifest?)")
+    return None, None
+
+
+def _sanitize(value: str) -> str:
+    """What a bad row keeps of a value (the store must be able to hold it)."""
+    value = value.replace("\x00", "\ufffd")
+    return value if len(value) <= 200 else value[:200] + "..."
+
+
+def _short(value: str, n: int = 40) -> str:
+    return value if len(value) <= n else value[:n] + "..."
 
 
 def _cell(value: Any) -> str:
@@ -369,24 +431,182 @@ def segment_lookalike_warnings(extra: list[str], used: Mapping[str, str], source
 
 def _read_table(path: Path, group_column: str, mapping: Mapping[str, str] | None = None
                 ) -> tuple[list[Row], list[str], str, str | None, dict[str, str]]:
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     digest = hashlib.sha256(raw).hexdigest()
-    text = raw.decode("utf-8-sig")
+    text = decode_text(raw, path)
     delim = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     if path.suffix.lower() not in (".tsv", ".tab", ".csv"):
+        first = next((ln for ln in text.splitlines() if ln.strip()), "")[:10000]
         try:
-            delim = csv.Sniffer().sniff(text.splitlines()[0], delimiters=",\t;").delimiter
-        except (csv.Error, IndexError):
+            delim = csv.Sniffer().sniff(first, delimiters=",\t;").delimiter
+        except csv.Error:
             pass
-    reader = csv.DictReader(text.splitlines(), delimiter=delim)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    reader.fieldnames = header
+    records = split_records(text, delim, header=True)
+    if not records:
+        raise ManifestError(f"{path} is empty: a manifest needs a header line with a 'path' column")
+    head_line, header, problem = records[0]
+    if problem:
+        raise ManifestError(f"{path}: line {head_line}, the header, {problem}")
+    header = [h.strip() for h in header]
+    body = records[1:]
+    while header and not header[-1]:  # a trailing delimiter (spreadsheets write them): no column
+        header.pop()
+    dup = sorted({h for h in header if header.count(h) > 1 and h})
+    if dup:
+        where = "; ".join(f"{h!r} in columns {', '.join(str(i + 1) for i, c in enumerate(header) if c == h)}" for h in dup)
+        raise ManifestError(f"{path}: the header names {'a column' if len(dup) == 1 else 'columns'} twice ({where}); "
+                            "give every column its own name")
     base = path.parent
-    records = ((f"line {n}", n, rec) for n, rec in enumerate(reader, start=2))
-    rows, extra, used, gcol = rows_from_records(
-        records, header, path, mapping or {}, group_column,
+
+    def rows() -> Iterator[tuple[str, int, dict[str, Any]]]:
+        for n, fields, problem in body:
+            if fields is not None and len(fields) > len(header) and not any(f.strip() for f in fields[len(header):]):
+                fields = fields[:len(header)]  # trailing empty fields
+            if problem is None and len(fields) != len(header):
+                problem = (f"{len(fields)} field{'s' if len(fields) != 1 else ''}, the header has {len(header)} "
+                           f"({', '.join(_short(h, 20) for h in header)})")
+            if problem:  # which field is which is unknown: the row keeps no value and is named by its line
+                yield f"line {n}", n, {"_status": "bad_row", "_error": f"line {n}: {problem}", "_id": f"line{n}"}
+            else:
+                yield f"line {n}", n, dict(zip(header, fields))
+
+    rows_, extra, used, gcol = rows_from_records(
+        rows(), header, path, mapping or {}, group_column,
         resolve_path=lambda p: str((base / p) if not Path(p).is_absolute() else p))
-    return rows, extra, digest, gcol, used
+    return rows_, extra, digest, gcol, used
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The manifest's bytes; a FIFO, device or unreadable file is a :class:`ManifestError`."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{path} is not a regular file: a manifest is a CSV/TSV text file")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read the manifest {path}: {exc.strerror or exc}") from None
+
+
+#: file signatures of things that are not manifests (for the message)
+_MAGIC = {b"\x89PNG": "a PNG image", b"RIFF": "a RIFF/WAV file", b"fLaC": "a FLAC file", b"\x89HDF": "an HDF5 file",
+          b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip file", b"%PDF": "a PDF", b"OggS": "an Ogg file",
+          b"ID3": "an MP3 file", b"\x7fELF": "a program"}
+
+
+def decode_text(raw: bytes, path: Any, what: str = "manifest") -> str:
+    """The text of a manifest (or TextGrid): UTF-8 (with or without a BOM), or UTF-16/UTF-32 with a
+    BOM, or UTF-16 without one (recognised by its NUL bytes). Anything else is a
+    :class:`ManifestError` that names the file, the line and the byte, and says what is expected."""
+    for bom, enc in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                     (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            break
+    else:
+        enc = "utf-8"
+        kind = next((what for magic, what in _MAGIC.items() if raw.startswith(magic)), None)
+        head = raw[:4096]
+        nul = head.count(0)
+        if kind is None and nul:
+            half = max(1, len(head) // 2)
+            even, odd = head[0::2].count(0) / half, head[1::2].count(0) / half
+            if odd > 0.3 and even < odd / 4:
+                enc = "utf-16-le"
+            elif even > 0.3 and odd < even / 4:
+                enc = "utf-16-be"
+            elif nul > max(2, len(head) // 50):  # a stray NUL in text is a bad row, many are binary data
+                kind = "binary data"
+        if kind:
+            raise ManifestError(f"{path} is not a text {what} (it looks like {kind}, starting with {raw[:8]!r})"
+                                + ("; give a CSV/TSV text file" if what == "manifest" else ""))
+    try:
+        return raw.decode(enc)
+    except UnicodeDecodeError as exc:
+        body = raw[len(codecs.BOM_UTF8):] if enc == "utf-8-sig" else raw
+        line = body[:exc.start].count(b"\n") + 1 if enc.startswith("utf-8") else None
+        at = f"line {line}: " if line else ""
+        raise ManifestError(f"{path}: {at}not valid {enc.upper().replace('-SIG', '')} text (byte 0x{body[exc.start]:02x} "
+                            f"at offset {exc.start}); save the file as UTF-8 (UTF-16 with a byte-order mark "
+                            "is read too)") from None
+
+
+class _Lines:
+    """Physical lines handed to ``csv.reader`` one at a time; :attr:`pos` = lines consumed."""
+
+    def __init__(self, lines: list[str]):
+        self.lines, self.pos = lines, 0
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if self.pos >= len(self.lines):
+            raise StopIteration
+        self.pos += 1
+        return self.lines[self.pos - 1]
+
+
+def _swallows_rows(fields: list[str], delimiter: str, width: int) -> bool:
+    """A field that runs over lines one of which looks like a whole row (``width - 1`` delimiters,
+    and at least 2): a quote left open that a quote in a later row closed."""
+    for f in fields:
+        lines = re.split(r"\r\n|\r|\n", f)
+        if len(lines) > 1 and any(line.count(delimiter) >= max(2, width - 1) for line in lines):
+            return True
+    return False
+
+
+def split_records(text: str, delimiter: str, header: bool = False) -> list[tuple[int, list[str] | None, str | None]]:
+    r"""CSV records of ``text`` as ``(line, fields, problem)``: ``line`` is the physical line the
+    record starts on (``\n``, ``\r\n`` and ``\r`` end lines; quoted fields may span lines), blank
+    lines are skipped. A record that breaks the quoting rules (an unclosed quote, text after a
+    closing quote) gets ``fields=None`` and the reason, and reading goes on at the next line, so
+    one broken row never swallows the rows after it; with ``header``, so does a record that spans
+    several lines and has another number of fields than the first record (a quote closed by one
+    in a later row). Field length is not limited here (see :data:`MAX_FIELD`)."""
+    lines = list(io.StringIO(text, newline=""))
+    src = _Lines(lines)
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, len(text) + 1))
+    out: list[tuple[int, list[str] | None, str | None]] = []
+    width: int | None = None
+    quote_hint = ' (a quote inside a field is written "")'
+    try:
+        reader = csv.reader(src, delimiter=delimiter, strict=True, skipinitialspace=True)
+        while True:
+            first = src.pos
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                if "end of data" in str(exc):
+                    why = "has an unclosed quote"
+                elif src.pos - first > 1:
+                    why = f"has an unclosed quote (it runs on to line {src.pos})"
+                else:
+                    why = f"breaks the CSV quoting rules ({exc})"
+                out.append((first + 1, None, why + quote_hint))
+                src.pos = first + 1
+                reader = csv.reader(src, delimiter=delimiter, strict=True, skipinitialspace=True)
+                continue
+            raw_text = "".join(lines[first:src.pos])
+            if not raw_text.strip() and delimiter not in raw_text:  # a blank line ("" or a row of delimiters is a row)
+                continue
+            n = len(fields)
+            while n and not fields[n - 1].strip():
+                n -= 1
+            if header and width is None:
+                width = n
+            elif width is not None and src.pos - first > 1 and (not n <= width <= len(fields)
+                                                                or _swallows_rows(fields, delimiter, width)):
+                out.append((first + 1, None, f"has an unclosed quote (it runs on to line {src.pos}){quote_hint}"))
+                src.pos = first + 1
+                reader = csv.reader(src, delimiter=delimiter, strict=True, skipinitialspace=True)
+                continue
+            out.append((first + 1, fields, None))
+    finally:
+        csv.field_size_limit(old)
+    return out
 
 
 def _read_folder(root: Path) -> tuple[list[Row], list[str], str]:
@@ -400,9 +620,46 @@ def _read_folder(root: Path) -> tuple[list[Row], list[str], str]:
     return rows, [], digest
 
 
-def _expand_textgrids(rows: list[Row], tier: str, labels: list[str] | None) -> list[Row]:
+def read_textgrid(path: str | Path) -> Any:
+    """A Praat TextGrid (``textgrids.TextGrid``) from ``path``: text (long or short format) in UTF-8
+    with or without a BOM, UTF-16 with a BOM or without one, any line endings, or Praat's binary
+    format. Raises ``FileNotFoundError`` when there is no file and ``ValueError`` with a one-line
+    reason for anything else (a directory, a FIFO, not a TextGrid, a parse error)."""
     import textgrids
 
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name}: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path.name} is a directory, not a TextGrid")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path.name} is not a regular file (a FIFO, device or socket)")
+    raw = path.read_bytes()
+    grid = textgrids.TextGrid()
+    grid.filename = str(path)
+    if not raw.startswith(b"ooBinaryFile"):
+        try:
+            text = decode_text(raw, path.name, what="TextGrid")
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from None
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        head = [ln.strip() for ln in text.split("\n", 2)[:2]]
+        if head != ['File type = "ooTextFile"', 'Object class = "TextGrid"']:
+            raise ValueError(f'{path.name} is not a Praat TextGrid (it does not start with File type = "ooTextFile", '
+                             'Object class = "TextGrid")')
+        raw = text.encode("utf-8")
+    try:
+        grid.parse(raw)
+    except Exception as exc:  # noqa: BLE001 - the parser raises IndexError, ValueError, TypeError, ...
+        raise ValueError(f"{path.name} cannot be parsed as a TextGrid ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})") from None
+    return grid
+
+
+def _expand_textgrids(rows: list[Row], tier: str, labels: list[str] | None) -> list[Row]:
     wanted = set(labels) if labels else None
     out: list[Row] = []
     for row in rows:
@@ -411,7 +668,7 @@ def _expand_textgrids(rows: list[Row], tier: str, labels: list[str] | None) -> l
             continue
         tg = Path(row.extra.pop("textgrid", "") or Path(row.path).with_suffix(".TextGrid"))
         try:
-            grid = textgrids.TextGrid(str(tg))
+            grid = read_textgrid(tg)
             intervals = grid[tier]
         except FileNotFoundError:
             row.status, row.error = "no_textgrid", f"{row.loc}: no TextGrid at {tg}"
@@ -421,19 +678,30 @@ def _expand_textgrids(rows: list[Row], tier: str, labels: list[str] | None) -> l
             row.status, row.error = "no_textgrid", f"{row.loc}: {tg.name} has no tier '{tier}'"
             out.append(row)
             continue
-        except Exception as exc:  # noqa: BLE001 - parser errors of several kinds
-            row.status, row.error = "no_textgrid", f"{row.loc}: cannot parse {tg.name}: {exc}"
+        except ValueError as exc:
+            row.status, row.error = "no_textgrid", f"{row.loc}: {exc}"
+            out.append(row)
+            continue
+        if getattr(intervals, "is_point_tier", False):
+            row.status, row.error = "no_textgrid", f"{row.loc}: tier '{tier}' of {tg.name} is a point tier (segments need an interval tier)"
             out.append(row)
             continue
         k = 0
-        for iv in intervals:
-            text = iv.text.strip()
+        for n_iv, iv in enumerate(intervals, start=1):
+            text = _cell(iv.text)
             if not text or (wanted is not None and text not in wanted):
                 continue
-            out.append(Row(
-                line=row.line, id=f"{row.id}_{k:03d}", path=row.path, label=row.label, group=row.group,
-                start=float(iv.xmin), end=float(iv.xmax), extra={**row.extra, "segment_label": text}, where=row.where,
-            ))
+            item = Row(line=row.line, id=f"{row.id}_{k:03d}", path=row.path, label=row.label, group=row.group,
+                       extra={**row.extra, "segment_label": _sanitize(text)}, where=row.where)
+            problem = segment_problem(float(iv.xmin), float(iv.xmax))
+            if problem is None and (len(text) > MAX_FIELD or "\x00" in text):
+                problem = "its text cannot be stored (a NUL character, or too long)"
+            if problem:
+                item.status = "bad_segment"
+                item.error = f"{row.loc}: interval {n_iv} of tier '{tier}' in {tg.name}: {problem}"
+            else:
+                item.start, item.end = float(iv.xmin), float(iv.xmax)
+            out.append(item)
             k += 1
         if k == 0:
             row.status, row.error = "no_segment", f"{row.loc}: tier '{tier}' of {tg.name} has no matching interval"

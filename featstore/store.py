@@ -1029,8 +1029,15 @@ class Store:
         return self.h5[name][:] if name in self.h5 else None
 
 
-def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
-    """Open a finished store for reading (a finished store is immutable: readers use ``mode="r"``)."""
+def open_store(path: str | os.PathLike, mode: str = "r", *, validate: bool = True) -> Store:
+    """Open a finished store for reading (a finished store is immutable: readers use ``mode="r"``).
+
+    Anything that is not a store of this format version — no file, a directory (an unfinished
+    run's ``.partial``), a truncated or non-HDF5 file, another format or version, an ``items/``
+    table that does not fit its ``layers/`` (with ``validate``, the default) — raises
+    ``FileNotFoundError`` or ``ValueError`` with one line that names the file.
+    ``featstore check`` (:func:`check_store`) lists every problem instead.
+    """
     path = Path(path)
     if not path.exists():
         if partial_path(path).exists():
@@ -1042,22 +1049,94 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a store file"
                          + (" (the batch directory of an unfinished run)" if path.name.endswith(".partial") else ""))
-    h5 = h5py.File(path, mode)
-    if _norm(h5.attrs.get("format")) != FORMAT:
+    try:
+        h5 = h5py.File(path, mode)
+    except OSError as exc:
+        reason = str(exc).replace("Unable to synchronously open file", "").strip(" ()") or type(exc).__name__
+        raise ValueError(f"{path} is not a readable featstore file: HDF5 cannot open it ({reason}); a truncated "
+                         "or overwritten store has to be extracted again") from None
+    try:
+        if _norm(h5.attrs.get("format")) != FORMAT:
+            raise ValueError(f"{path} is not a featstore file (root attribute format != 'featstore')")
+        try:
+            version = int(h5.attrs.get("format_version", -1))
+        except (TypeError, ValueError):
+            version = -1
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} has format_version {h5.attrs.get('format_version')}; this featstore reads "
+                             f"version {FORMAT_VERSION}")
+        if validate:
+            problem = _layout_problem(h5)
+            if problem:
+                raise ValueError(f"{path} is damaged: {problem}; `featstore check {path}` lists every problem")
+    except ValueError:
         h5.close()
-        raise ValueError(f"{path} is not a featstore file (root attribute format != 'featstore')")
-    version = int(h5.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
+        raise
+    except (OSError, KeyError, TypeError) as exc:  # a damaged object inside the file
         h5.close()
-        raise ValueError(f"{path} has format_version {version}; this featstore reads version {FORMAT_VERSION}")
+        raise ValueError(f"{path} is damaged: {exc}; `featstore check {path}` lists every problem") from None
     return Store(path, h5)
+
+
+def _layout_problem(h5: h5py.File) -> str | None:
+    """The first structural problem a reader would trip over (cheap: reads ``offset`` and
+    ``num_frames`` only), or ``None``."""
+    for group in ("items", "layers"):
+        if not isinstance(h5.get(group), h5py.Group):
+            return f"no {group}/ group"
+    items, layers = h5["items"], h5["layers"]
+    lengths = {}
+    for name, ds in items.items():
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+            return f"items/{name} is not a 1-D column"
+        lengths[name] = ds.shape[0]
+    for col in ("id", "path", "label", "group", "status", "error", "offset", "num_frames", "segment_start_frame",
+                "segment_end_frame"):
+        if col not in lengths:
+            return f"no items/{col} column"
+        kind = items[col].dtype.kind
+        if ITEM_COLUMNS[col] == "i" and kind not in "iu":
+            return f"items/{col} holds {items[col].dtype} values, not integers"
+        if ITEM_COLUMNS[col] == "s" and kind not in "OSU":
+            return f"items/{col} holds {items[col].dtype} values, not strings"
+    n = lengths["id"]
+    short = {k: v for k, v in lengths.items() if v != n}
+    if short:
+        k, v = next(iter(short.items()))
+        return f"items/{k} has {v} rows but items/id has {n}"
+    totals = {}
+    for name, ds in layers.items():
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
+            return f"layers/{name} is not a (frames, dim) array"
+        try:
+            int(name)
+        except ValueError:
+            return f"layers/{name} is not named by a layer number"
+        totals[name] = ds.shape[0]
+    if not totals:
+        return "layers/ holds no layer"
+    if len(set(totals.values())) > 1:
+        return "layers have different frame totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(totals.items()))
+    total = next(iter(totals.values()))
+    offset, nfr = items["offset"][:], items["num_frames"][:]
+    if (nfr < 0).any():
+        return "negative items/num_frames"
+    live = nfr > 0
+    if ((offset[live] < 0) | (offset[live] + nfr[live] > total)).any():
+        i = int(np.flatnonzero(live & ((offset < 0) | (offset + nfr > total)))[0])
+        return f"item {i}'s frames [{int(offset[i])}, {int(offset[i] + nfr[i])}) reach outside the {total} frames of layers/"
+    end = int((offset[live] + nfr[live]).max()) if live.any() else 0
+    if end < total:  # (frames no item owns inside the arrays are harmless to readers; `check` lists them)
+        return (f"its {len(nfr)} items own frames up to row {end} but layers/ holds {total}: the items table is "
+                "shorter than its layers")
+    return None
 
 
 def check_store(path: str | os.PathLike) -> list[str]:
     """Verify the layout and invariants; return a list of problems (empty = valid)."""
     problems: list[str] = []
     try:
-        store = open_store(path)
+        store = open_store(path, validate=False)
     except (OSError, ValueError) as exc:
         return [str(exc)]
     with store:
