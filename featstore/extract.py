@@ -12,7 +12,9 @@ the run.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import re
 import signal
 import threading
@@ -277,6 +279,7 @@ def run_identity(encoder: Encoder, man: Manifest, *, dtype: str, layer_ids: Sequ
     return {
         **encoder.describe(),
         "manifest_sha256": man.sha256,
+        "rows_digest": rows_digest(man, rows_idx),
         "dtype": dtype,
         "layer_ids": list(layer_ids),
         "crop_to_segment": bool(crop_to_segment),
@@ -287,6 +290,22 @@ def run_identity(encoder: Encoder, man: Manifest, *, dtype: str, layer_ids: Sequ
         "format_version": FORMAT_VERSION,
         **extra,
     }
+
+
+def rows_digest(man: Manifest, rows_idx: Sequence[int]) -> str:
+    """A digest of the rows this run extracts, as parsed: for each row its manifest position, id,
+    file name (not the folder: a project moved as a whole keeps its stores), label, group, segment,
+    extra columns and validation status are hashed with sha256, and the row hashes are summed modulo 2**256 (64 hex digits), so
+    the digests of shards add up to the whole manifest's (``featstore merge``). It changes when a
+    TextGrid beside a clip, a lhotse/Hugging Face source or the reader's parse changes although the
+    manifest file itself did not."""
+    total = 0
+    for i in rows_idx:
+        r = man.rows[i]
+        row = json.dumps([int(i), r.id, os.path.basename(str(r.path or "")), r.label, r.group, r.start, r.end, sorted(r.extra.items()), r.status],
+                         ensure_ascii=False, default=str)
+        total += int(hashlib.sha256(row.encode("utf-8", "surrogatepass")).hexdigest(), 16)
+    return f"{total % 2**256:064x}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def _merge(shards: Sequence[str | Path], out: Path, chunk_items: int) -> Path:
         row_dicts = [dict(tables[si].iloc[i]) for _, si, i in placed]
         attrs = {k: v for k, v in stores[0].h5.attrs.items() if k not in ("shard", "shard_rows", "committed_frames", "num_items")}
         attrs["merged_from"] = json.dumps([str(Path(p).name) for p in shards])
+        if all(s.attrs.get("rows_digest") for s in stores):  # the row digests of shards add up (extract.rows_digest)
+            attrs["rows_digest"] = f"{sum(int(s.attrs['rows_digest'], 16) for s in stores) % 2**256:064x}"
         if first.get("padding_recipe"):  # the clips the recipe cut: every shard's, not the first one's
             recipe = dict(first["padding_recipe"])
             recipe["truncated"] = sum(int(s.attrs["padding_recipe"].get("truncated", 0)) for s in stores)

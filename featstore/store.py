@@ -298,6 +298,9 @@ def describe_diff(fields: Sequence[tuple[str, Any, Any]], theirs: str, ours: str
             parts.append(str(h))
         elif key == "manifest_sha256":
             parts.append(f"manifest_sha256 (the manifest's content changed: {_short(h, 12)} vs {_short(w, 12)})")
+        elif key == "rows_digest":
+            parts.append(f"rows_digest (the rows read from the manifest changed — segments from TextGrids, ids, "
+                         f"labels, groups or paths: {_short(h, 12) if h else 'none recorded'} vs {_short(w, 12)})")
         elif h is None:
             parts.append(f"{key} ({theirs} has none, {ours} {_short(w, 40)})")
         elif str(h)[:1] in "[{" and (len(str(h)) > 40 or len(str(w)) > 40):
@@ -1029,6 +1032,15 @@ class Store:
         return self.h5[name][:] if name in self.h5 else None
 
 
+def missing_store_message(path: str | Path) -> str:
+    """What to tell a user whose store path does not exist: an unfinished run to resume, or nothing."""
+    path = Path(path)
+    if partial_path(path).exists():
+        return (f"{path} is not finished: {partial_path(path)} holds an interrupted run; run the same "
+                "`featstore extract` command again to resume it")
+    return f"no store at {path}"
+
+
 def open_store(path: str | os.PathLike, mode: str = "r", *, validate: bool = True) -> Store:
     """Open a finished store for reading (a finished store is immutable: readers use ``mode="r"``).
 
@@ -1040,12 +1052,7 @@ def open_store(path: str | os.PathLike, mode: str = "r", *, validate: bool = Tru
     """
     path = Path(path)
     if not path.exists():
-        if partial_path(path).exists():
-            raise FileNotFoundError(
-                f"{path} is not finished: {partial_path(path)} holds an interrupted run; run the same "
-                "`featstore extract` command again to resume it"
-            )
-        raise FileNotFoundError(f"no store at {path}")
+        raise FileNotFoundError(missing_store_message(path))
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a store file"
                          + (" (the batch directory of an unfinished run)" if path.name.endswith(".partial") else ""))

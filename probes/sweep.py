@@ -44,7 +44,7 @@ import pandas as pd
 from featstore.cv import describe_folds, fill_groups, fit_groups, fold_ids, make_folds, nested_folds
 from featstore.layerspec import LayerSpecError, select_layers
 from featstore.layerspec import parse_layers as parse_layer_spec
-from featstore.store import OK, Store, open_store
+from featstore.store import OK, Store, missing_store_message, open_store
 from probes import metrics as M
 from probes import selection as S
 from probes import tables
@@ -113,7 +113,7 @@ class SweepConfig:
             raise SweepError("no store given")
         for p in self.stores:
             if not p.exists():
-                raise SweepError(f"no store at {p}")
+                raise SweepError(missing_store_message(p))
         names = [p.stem for p in self.stores]
         if len(set(names)) != len(names):
             raise SweepError(f"two stores share the name {sorted(n for n in names if names.count(n) > 1)[0]!r}; rename one")

@@ -493,3 +493,43 @@ def test_option_errors_name_the_real_cause(wavlm, clip_set, tmp_path, monkeypatc
     monkeypatch.setattr(fx, "read_manifest", lambda *a, **k: (_ for _ in ()).throw(TypeError("bug in reading")))
     r = runner.invoke(app, ["extract", "--manifest", str(clip_set), "--model", wavlm, "--out", str(tmp_path / "y.h5")])
     assert r.exit_code != 0 and "option not supported" not in r.output
+
+
+def _textgrid(path, intervals):
+    body = "".join(f'        intervals [{i + 1}]:\n            xmin = {a}\n            xmax = {b}\n            text = "{t}"\n'
+                   for i, (a, b, t) in enumerate(intervals))
+    path.write_text('File type = "ooTextFile"\nObject class = "TextGrid"\n\nxmin = 0\nxmax = 1\ntiers? <exists>\n'
+                    'size = 1\nitem []:\n    item [1]:\n        class = "IntervalTier"\n        name = "phones"\n'
+                    f'        xmin = 0\n        xmax = 1\n        intervals: size = {len(intervals)}\n' + body)
+
+
+def test_edited_textgrid_is_never_resumed_or_reused_with_the_old_rows(tmp_path):
+    """The manifest file is unchanged, the TextGrid beside a clip is not: the parsed rows differ, so
+    neither the unfinished run nor the finished store may be used for them (it crashed, or answered
+    with the old segments)."""
+    from featstore.store import StoreMismatch
+
+    x = (0.1 * np.random.default_rng(0).normal(size=16000)).astype(np.float32)
+    for k in range(3):
+        write_wav(tmp_path / f"spk{k}.wav", x)
+        _textgrid(tmp_path / f"spk{k}.TextGrid", [(0, 0.3, "a"), (0.3, 0.5, "s"), (0.5, 1, "z")])
+    man = write_manifest(tmp_path / "m.csv", [{"path": f"spk{k}.wav", "label": "L", "speaker": f"k{k}"} for k in range(3)])
+    kw = dict(textgrid_tier="phones", textgrid_labels=["s", "z"], batch_seconds=1.5, progress=False, audit_clips=0)
+    out = tmp_path / "tg.h5"
+
+    def stop(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    assert extract(man, "logmel", out, on_batch=stop, **kw).interrupted
+    _textgrid(tmp_path / "spk1.TextGrid", [(0, 0.2, "s"), (0.2, 0.5, "s"), (0.5, 1, "z")])  # one more segment
+    with pytest.raises(StoreMismatch, match="rows_digest") as exc:
+        extract(man, "logmel", out, **kw)
+    assert "segments" in str(exc.value)
+    res = extract(man, "logmel", out, overwrite=True, **kw)
+    fresh = extract(man, "logmel", tmp_path / "fresh.h5", **kw)
+    assert res.ok == fresh.ok == 7
+    assert_same_store(fresh.path, out)
+    _textgrid(tmp_path / "spk2.TextGrid", [(0, 0.3, "a"), (0.3, 0.6, "s"), (0.6, 1, "z")])  # a moved boundary
+    with pytest.raises(StoreMismatch, match="rows_digest"):
+        extract(man, "logmel", out, **kw)

@@ -33,6 +33,8 @@ def test_shards_merge_equal_single_run(tiny_models, clip_set, tmp_path):
             np.testing.assert_allclose(a.frames(i, k), b.frames(i, k), atol=1e-5)
     assert featstore.check_store(merged) == []
     assert b.attrs["shard"] == "" and len(b.attrs["merged_from"]) == 3
+    assert b.attrs["rows_digest"] == a.attrs["rows_digest"]  # the shards' row digests add up to the single run's
+    assert extract(clip_set, model, merged, progress=False).already_done  # the merged store is the single run's
 
 
 def test_merge_refuses_mismatched_or_incomplete(tiny_models, clip_set, tmp_path):

@@ -484,3 +484,14 @@ def test_stores_that_differ_only_in_frames_never_share_cached_results(tmp_path):
     res = run_sweep([weak, strong], out_dir=tmp_path / "out", **kw)
     per = res.best["per_store"]
     assert per["strong"]["naive_best_bacc"] > per["weak"]["naive_best_bacc"] + 0.3
+
+
+def test_a_store_that_is_still_a_partial_run_is_named_as_such(tmp_path):
+    from probes.sweep import SweepConfig, SweepError
+
+    out = tmp_path / "run.h5"
+    (tmp_path / "run.h5.partial").mkdir()
+    with pytest.raises(SweepError, match=r"run\.h5 is not finished: .*run\.h5\.partial holds an interrupted run"):
+        SweepConfig(stores=[out])
+    with pytest.raises(SweepError, match=r"no store at .*nothing\.h5"):
+        SweepConfig(stores=[tmp_path / "nothing.h5"])

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Sequence
 
-from featstore.store import open_store
+from featstore.store import missing_store_message, open_store
 from probes.doctor import (alignment, confounds, data_sanity, fold_sanity, imbalance, layer_profile, padding,
                            shuffle_control)
 from probes.doctor.plot import profile_data
@@ -45,10 +45,11 @@ def run_doctor(
     """
     store_path = Path(store_path)
     if not store_path.exists():
-        raise DoctorError(f"no store at {store_path}")
+        raise DoctorError(missing_store_message(store_path))
     for what, p in (("baseline", baseline), ("padded", padded)):
         if p is not None and not Path(p).exists():
-            raise DoctorError(f"no {what} store at {p}")
+            msg = missing_store_message(p)
+            raise DoctorError(f"{what} store: {msg}" if not msg.startswith("no store") else f"no {what} store at {p}")
         if p is not None:
             check_paired(Path(p), what)
     if cv < 2:
