@@ -570,27 +570,34 @@ class SSLEncoder(Encoder):
         return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
 
     # ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def common_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0, fast: bool = False
                         ) -> list[list[np.ndarray]]:
-        """What the usual recipe computes: the feature extractor pads/truncates every clip to
-        ``pad_seconds`` and the full model runs on the padded batch (with the attention mask only
-        when the checkpoint's feature extractor returns one; without one, ``do_normalize`` normalises
-        the padded vector, zeros included — as :meth:`padded_pipeline`). Returns each clip's true frames.
+        """Each clip's true frames as the usual recipe computes them: :meth:`padded_pipeline`."""
+        return self.padded_pipeline(clips, pad_seconds, fast=fast)
+
+    @torch.inference_mode()
+    def padded_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                        keep_padding: bool = False, fast: bool = False) -> list[list[np.ndarray]]:
+        """The usual recipe as it is usually written (``featstore extract --emulate-padding`` and
+        the padding audit): ``feature_extractor(clips, padding="max_length", max_length=n,
+        truncation=True)`` with the checkpoint's own feature-extractor defaults — its attention mask
+        (and with it a normalisation over each clip's own samples) only where it returns one;
+        without one, ``do_normalize`` normalises the padded vector, zeros included — then the full
+        model on that batch, the mask passed only when returned. Returns each clip's true frames (of
+        the clip as cut), or with ``keep_padding`` every frame of the padded input.
 
         ``fast``: the same function through this encoder's fast paths (each padded window is one
         "clip" of the GEMM CNN, whose group norm then spans the whole window as the model's does;
         the transformer gets the recipe's mask), equal to the model's forward to ~1e-5 — what the
         padding audit uses. Default: the model's own forward, what the recipe runs."""
-        n_pad = int(round(pad_seconds * self.sample_rate))
-        inputs = self.feature_extractor(
-            [np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
-            padding="max_length", max_length=n_pad, truncation=True, return_tensors="pt",
-        )  # the checkpoint's own defaults: a mask (and per-clip normalisation) only where it returns one
+        n_pad = int(round(float(pad_seconds) * self.sample_rate))
+        full = self.num_frames(n_pad)
+        if full == 0:
+            raise ValueError(f"--emulate-padding {pad_seconds:g} s is shorter than one frame of this model "
+                             f"({self.receptive_field_samples / self.sample_rate:g} s)")
+        inputs = self.feature_extractor([np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
+                                        padding="max_length", max_length=n_pad, truncation=True, return_tensors="pt")
         masked = "attention_mask" in inputs
-        kwargs = {}
-        if masked:
-            kwargs["attention_mask"] = inputs["attention_mask"].to(self.device)
         x = inputs["input_values"].to(self.device)
         with self._autocast(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
@@ -599,34 +606,9 @@ class SSLEncoder(Encoder):
                 real = inputs["attention_mask"].sum(-1).tolist() if masked else [n_pad] * len(clips)
                 hidden, _ = self.forward_hidden_states([x[i, : int(n)] for i, n in enumerate(real)], feats)
             else:
+                kwargs = {"attention_mask": inputs["attention_mask"].to(self.device)} if masked else {}
                 hidden = self.model(x, output_hidden_states=True, **kwargs).hidden_states
         stacked = torch.stack([hidden[k] for k in self.layer_ids]).float().cpu().numpy()
-        lengths = [self.num_frames(min(len(c), n_pad)) for c in clips]
-        return [[stacked[k, i, :t] for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
-
-    @torch.inference_mode()
-    def padded_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
-                        keep_padding: bool = False) -> list[list[np.ndarray]]:
-        """The usual recipe as it is usually written, for ``featstore extract --emulate-padding``:
-        ``feature_extractor(clips, padding="max_length", max_length=n, truncation=True)`` with the
-        checkpoint's own feature-extractor defaults — its attention mask (and with it a normalisation
-        over each clip's own samples) only where it returns one; without one, ``do_normalize``
-        normalises the padded vector, zeros included — then the full model on that batch, the mask
-        passed only when returned. Returns each clip's true frames (of the clip as cut), or with
-        ``keep_padding`` every frame of the padded input. (:meth:`common_pipeline`, which the padding
-        audit uses, computes the same true frames, optionally through the fast paths.)"""
-        n_pad = int(round(float(pad_seconds) * self.sample_rate))
-        full = self.num_frames(n_pad)
-        if full == 0:
-            raise ValueError(f"--emulate-padding {pad_seconds:g} s is shorter than one frame of this model "
-                             f"({self.receptive_field_samples / self.sample_rate:g} s)")
-        inputs = self.feature_extractor([np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
-                                        padding="max_length", max_length=n_pad, truncation=True, return_tensors="pt")
-        kwargs = {"attention_mask": inputs["attention_mask"].to(self.device)} if "attention_mask" in inputs else {}
-        with self._autocast(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
-            out = self.model(inputs["input_values"].to(self.device), output_hidden_states=True, **kwargs)
-        stacked = torch.stack([out.hidden_states[k] for k in self.layer_ids]).float().cpu().numpy()
         true = [self.num_frames(min(len(c), n_pad)) for c in clips]
         self.stats["frames"] += sum(true)
         self.stats["padded_frames"] += len(clips) * full - sum(true)
