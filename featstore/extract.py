@@ -295,15 +295,15 @@ def run_identity(encoder: Encoder, man: Manifest, *, dtype: str, layer_ids: Sequ
 def rows_digest(man: Manifest, rows_idx: Sequence[int]) -> str:
     """A digest of the rows this run extracts, as parsed: for each row its manifest position, id,
     file name (not the folder: a project moved as a whole keeps its stores), label, group, segment,
-    extra columns and validation status are hashed with sha256, and the row hashes are summed modulo 2**256 (64 hex digits), so
-    the digests of shards add up to the whole manifest's (``featstore merge``). It changes when a
-    TextGrid beside a clip, a lhotse/Hugging Face source or the reader's parse changes although the
-    manifest file itself did not."""
+    extra columns and validation status are hashed with sha256, and the row hashes are summed modulo
+    2**256 (64 hex digits), so the digests of shards add up to the whole manifest's (``featstore
+    merge``). It changes when a TextGrid beside a clip, a lhotse/Hugging Face source or the reader's
+    parse changes although the manifest file itself did not."""
     total = 0
     for i in rows_idx:
         r = man.rows[i]
-        row = json.dumps([int(i), r.id, os.path.basename(str(r.path or "")), r.label, r.group, r.start, r.end, sorted(r.extra.items()), r.status],
-                         ensure_ascii=False, default=str)
+        row = json.dumps([int(i), r.id, os.path.basename(str(r.path or "")), r.label, r.group, r.start, r.end,
+                          sorted(r.extra.items()), r.status], ensure_ascii=False, default=str)
         total += int(hashlib.sha256(row.encode("utf-8", "surrogatepass")).hexdigest(), 16)
     return f"{total % 2**256:064x}"
 
@@ -450,7 +450,6 @@ def extract(
     Without ``out``, both get their own default name.
     """
     from rich.console import Console
-    from rich.markup import escape
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -615,7 +614,7 @@ def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds
         lengths.append(int(round((dur or 0.0) * encoder.sample_rate)))
     plan = plan_batches(lengths, batch_seconds, encoder.sample_rate, frames_of=encoder.num_frames)
     init = [{"id": r.id, "path": r.path, "label": r.label, "group": r.group, **r.extra} for r in rows]
-    attrs = {**identity, "manifest": str(man.source), "created_at": datetime.now(timezone.utc).isoformat(),
+    attrs = {**identity, "identity_keys": sorted(identity), "manifest": str(man.source), "created_at": datetime.now(timezone.utc).isoformat(),
              "versions": _versions(), "padding_audit": {}, "batch_seconds": float(batch_seconds)}
     writer = StoreWriter.create(out, init, attrs, [encoder.layer_dims[k] for k in layer_ids], dtype, man.extra_columns,
                                 layer_ids=layer_ids, plan=plan, settings=_run_settings(),

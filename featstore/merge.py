@@ -10,11 +10,18 @@ import numpy as np
 from featstore.store import ITEM_COLUMNS, StoreWriter, open_store
 from featstore.writelock import WriterLock
 
-#: attributes every shard of one extraction shares
+#: attributes every shard of one extraction shares; beside them, every key of the run identity a
+#: shard lists (``identity_keys``, written by ``featstore extract``) is compared
 IDENTITY = ("encoder", "encoder_revision", "encoder_config", "manifest_sha256", "dtype", "layer_ids",
             "crop_to_segment", "sample_rate", "frame_stride_samples", "group_column", "amp",
             "whisper_window_mode", "whisper_window_seconds", "whisper_context_seconds",
             "padding_exact", "padding_emulation", "control", "random_init_seed")
+#: identity keys that differ from shard to shard by design
+PER_SHARD = ("shard", "shard_rows", "rows_digest")
+
+
+def _identity_keys(attrs) -> list[str]:
+    return [k for k in (*IDENTITY, *(attrs.get("identity_keys") or ())) if k not in PER_SHARD]
 
 
 class MergeError(ValueError):
@@ -36,10 +43,11 @@ def _merge(shards: Sequence[str | Path], out: Path, chunk_items: int) -> Path:
     try:
         stores += [open_store(p) for p in shards]
         first = stores[0].attrs
+        keys = list(dict.fromkeys(k for s in stores for k in _identity_keys(s.attrs)))
         specs = []
         for s in stores:
             a = s.attrs
-            for key in IDENTITY:
+            for key in keys:
                 if a.get(key) != first.get(key):
                     raise MergeError(f"{s.path.name} differs from {stores[0].path.name} in {key}: "
                                      f"{str(a.get(key))[:60]!r} vs {str(first.get(key))[:60]!r}")

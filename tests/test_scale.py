@@ -101,3 +101,17 @@ def test_cli_errors_are_one_line(tmp_path, clip_set, monkeypatch):
     assert r.exit_code == 2 and "no 'path' column (columns: file, label)" in r.output
     r = runner.invoke(app, ["check", str(tmp_path / "missing.h5")])
     assert r.exit_code == 1 and "no store at" in r.output
+
+
+def test_merge_compares_every_identity_field_the_run_recorded(tiny_models, clip_set, tmp_path):
+    import h5py
+
+    model = str(tiny_models["wavlm"])
+    shards = [extract(clip_set, model, tmp_path / f"s{k}.h5", shard=f"{k}/2", progress=False).path for k in (1, 2)]
+    with featstore.open(shards[0]) as s:
+        keys = set(s.attrs["identity_keys"])
+    assert {"cnn_kernel", "rows_digest", "format_version", "manifest_sha256"} <= keys
+    with h5py.File(shards[1], "r+") as h:  # a shard computed with the other CNN kernel
+        h.attrs["cnn_kernel"] = "conv1d" if h.attrs["cnn_kernel"] == "gemm" else "gemm"
+    with pytest.raises(MergeError, match="in cnn_kernel"):
+        merge_shards(shards, tmp_path / "merged.h5")
