@@ -16,7 +16,6 @@ beside the majority and chance baselines of the same folds, and the sweep's head
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,31 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchutil import load_text  # noqa: E402
-from padded_vs_exact import DEFAULT_MODEL, ROOT, extract_store, labelled, layer_table, speech_set, sweep  # noqa: E402
+from padded_vs_exact import common_args, extract_store, labelled, layer_table, prepare, sweep  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--out", default=str(ROOT / "cache/controls"))
-    ap.add_argument("--speakers", type=int, default=24)
-    ap.add_argument("--triples", type=int, default=5)
-    ap.add_argument("--snr-db", type=float, default=5.0)
-    ap.add_argument("--context-seconds", default="2", help="Whisper window: seconds, or 'full' (30 s)")
+    ap = common_args(__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0", help="random-init seeds, comma-separated (one control store each)")
-    ap.add_argument("--n-boot", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0, help="data set and fold seed")
     args = ap.parse_args()
-    if not Path(args.model).is_dir():
-        sys.exit(f"no model directory at {args.model}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"before: {load_text()}", flush=True)
     t0 = time.perf_counter()
-    manifest = speech_set(out, args.speakers, args.triples, args.snr_db, args.seed)
-    ctx = [] if args.context_seconds == "full" else ["--context-seconds", args.context_seconds]
-    options = {} if not ctx else {"encoder_options": {"context_seconds": float(args.context_seconds)}}
-    tag = "whisper" + (f"-ctx{args.context_seconds}" if ctx else "-full")
+    out, manifest, ctx, options, tag = prepare(args)
     seconds = {}
     trained, seconds["trained"] = extract_store(manifest, args.model, out / f"{tag}.h5", ctx, **options)
     stores = [trained]

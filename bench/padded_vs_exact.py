@@ -127,31 +127,45 @@ def labelled(stores: list[Path], summary) -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(description: str) -> argparse.ArgumentParser:
+    """The options this script shares with ``bench/control_vs_trained.py``: model, output folder,
+    the speech set, the Whisper window, bootstraps and the seed."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--out", default=str(ROOT / "cache/controls"))
     ap.add_argument("--speakers", type=int, default=24)
     ap.add_argument("--triples", type=int, default=5)
     ap.add_argument("--snr-db", type=float, default=5.0)
-    ap.add_argument("--pad-seconds", type=float, default=1.0)
     ap.add_argument("--context-seconds", default="2", help="Whisper window: seconds, or 'full' (30 s)")
-    ap.add_argument("--wavlm", action="store_true", help="also a base-size random-weight WavLM, exact vs padded")
     ap.add_argument("--n-boot", type=int, default=200)
-    ap.add_argument("--n-perm", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--seed", type=int, default=0, help="data set and fold seed")
+    return ap
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, list[str], dict, str]:
+    """Check the model, make (once) the speech set and print the load average: returns the output
+    folder, the manifest, the Whisper-window CLI flags, the matching extract() options and a store tag."""
     if not Path(args.model).is_dir():
         sys.exit(f"no model directory at {args.model}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"before: {load_text()}", flush=True)
-    t0 = time.perf_counter()
     manifest = speech_set(out, args.speakers, args.triples, args.snr_db, args.seed)
     ctx = [] if args.context_seconds == "full" else ["--context-seconds", args.context_seconds]
     options = {} if not ctx else {"encoder_options": {"context_seconds": float(args.context_seconds)}}
-    pad = f"{args.pad_seconds:g}"
     tag = "whisper" + (f"-ctx{args.context_seconds}" if ctx else "-full")
+    return out, manifest, ctx, options, tag
+
+
+def main() -> None:
+    ap = common_args(__doc__.splitlines()[0])
+    ap.add_argument("--pad-seconds", type=float, default=1.0)
+    ap.add_argument("--wavlm", action="store_true", help="also a base-size random-weight WavLM, exact vs padded")
+    ap.add_argument("--n-perm", type=int, default=20)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    out, manifest, ctx, options, tag = prepare(args)
+    pad = f"{args.pad_seconds:g}"
     seconds = {}
     exact, seconds["exact"] = extract_store(manifest, args.model, out / f"{tag}.h5", ctx, **options)
     padded, seconds["padded"] = extract_store(manifest, args.model, out / f"{tag}.padded{pad}s.h5",
