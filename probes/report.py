@@ -157,8 +157,7 @@ def write_report(out_dir: str | os.PathLike, top: int = 10) -> Path:
     if best.get("headline_note"):
         lines += ["", f"Note: {best['headline_note']}."]
     if best.get("headline_excludes"):
-        lines += ["", "Note: the headline and the naive best are chosen among trained, padding-exact stores only; "
-                  + ", ".join(labels.get(n, n) for n in best["headline_excludes"]) + " are shown beside them."]
+        lines += ["", f"Note: {S.excludes_note(best['headline_excludes'], labels)}."]
     if "headline" not in best or len(best["per_store"]) > 1:
         for st, entry in best["per_store"].items():
             lines += ["", f"### {labels.get(st, st)}", ""] + _headline_lines(entry, baselines, labels)

@@ -26,6 +26,14 @@ NESTED = "nested"
 OTHER_FOLDS = "other-folds"
 
 
+def excludes_note(excluded: list[str], labels: dict[str, str] | None = None) -> str:
+    """Why some stores of a sweep are not headline candidates (controls, padded-recipe stores):
+    one sentence, without the final full stop, for the sweep's log and its report."""
+    labels = labels or {}
+    return ("the headline and the naive best are chosen among trained, padding-exact stores only; "
+            + ", ".join(labels.get(n, n) for n in excluded) + " are shown beside them")
+
+
 def describe(method: str, inner_cv: int | None = None, n_configs: int | None = None,
              scope: str | None = None) -> str:
     """One line naming the selection (printed beside every headline); ``scope`` says which

@@ -1044,8 +1044,7 @@ def headline_lines(best: dict, labels: dict[str, str] | None = None) -> list[str
     if best.get("headline_note"):
         lines.append(f"note: {best['headline_note']}")
     if best.get("headline_excludes"):
-        lines.append("note: the headline and the naive best are chosen among trained, padding-exact stores only; "
-                     + ", ".join(labels.get(n, n) for n in best["headline_excludes"]) + " are shown beside them")
+        lines.append(f"note: {S.excludes_note(best['headline_excludes'], labels)}")
     nb = best["naive_best"]
     lines.append(f"naive best {nb['balanced_accuracy_mean']:.3f} ({nb['config']}; chosen on the folds that score "
                  "it, so optimistic); " + "; ".join(f"{labels.get(st, st)}: majority {v['majority_bacc']:.3f}, chance "
