@@ -148,13 +148,19 @@ def segment_frames(encoder: Encoder, num_frames: int, start: float, end: float, 
 
 
 def _versions() -> dict[str, str]:
+    """Library versions for provenance (transformers' from its metadata: importing it costs ~1 s)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import h5py
     import torch
-    import transformers
 
     from featstore import __version__
 
-    return {"featstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    try:
+        tf = version("transformers")
+    except PackageNotFoundError:
+        tf = "not installed"
+    return {"featstore": __version__, "torch": torch.__version__, "transformers": tf,
             "h5py": h5py.__version__, "numpy": np.__version__}
 
 
@@ -612,7 +618,10 @@ def _open_run(out, identity, man, rows, encoder, layer_ids, dtype, batch_seconds
         if dur is not None and crop and r.start is not None:
             dur = max(0.0, min(dur, r.end) - r.start)
         lengths.append(int(round((dur or 0.0) * encoder.sample_rate)))
-    plan = plan_batches(lengths, batch_seconds, encoder.sample_rate, frames_of=encoder.num_frames)
+    # the padding rule only matters where the transformer pads to the longest clip (a packed
+    # forward computes true frames only, whatever the mix of lengths)
+    plan = plan_batches(lengths, batch_seconds, encoder.sample_rate,
+                        frames_of=None if getattr(encoder, "packed", False) else encoder.num_frames)
     init = [{"id": r.id, "path": r.path, "label": r.label, "group": r.group, **r.extra} for r in rows]
     attrs = {**identity, "identity_keys": sorted(identity), "manifest": str(man.source), "created_at": datetime.now(timezone.utc).isoformat(),
              "versions": _versions(), "padding_audit": {}, "batch_seconds": float(batch_seconds)}

@@ -122,7 +122,7 @@ def test_fast_padded_recipe_equals_the_model_forward(tiny_models, kind, mask):
     """The padding audit's padded pipeline through the fast paths equals the model's own forward on
     the padded batch (with and without the recipe's attention mask)."""
     enc = SSLEncoder(tiny_models[kind])
-    enc.feature_extractor.return_attention_mask = mask
+    enc.recipe.return_attention_mask = mask
     rng = np.random.default_rng(2)
     clips = [(0.1 * rng.normal(size=n)).astype(np.float32) for n in (1300, 2100, 400, 5000)]
     ref = enc.common_pipeline(clips, pad_seconds=0.25)

@@ -17,8 +17,6 @@ class Encoder(ABC):
 
     #: what was asked for (hub id, local path or front-end name) — stored as ``encoder``
     name: str
-    #: commit hash or content hash where known — stored as ``encoder_revision``
-    revision: str = ""
     sample_rate: int = 16000
     frame_stride_samples: int
     receptive_field_samples: int
@@ -32,6 +30,19 @@ class Encoder(ABC):
     #: further root attributes (e.g. a Whisper window); JSON-serialisable values
     extra_attrs: dict[str, Any]
     device: str = "cpu"
+
+    @property
+    def revision(self) -> str:
+        """Commit hash or content hash where known — stored as ``encoder_revision``. May be set to
+        a future (a content hash computed in the background while the model loads): read, it waits."""
+        value = self.__dict__.get("_revision", "")
+        if hasattr(value, "result"):
+            value = self.__dict__["_revision"] = value.result()
+        return value
+
+    @revision.setter
+    def revision(self, value) -> None:
+        self.__dict__["_revision"] = value
 
     @property
     def num_layers(self) -> int:

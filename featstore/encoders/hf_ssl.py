@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from featstore.encoders.base import Encoder
+from featstore.encoders.ssl_native import (NativeUnsupported, RecipeInputs, _pos_conv_cropped, load_native,
+                                           packed_forward, scratch, scratch_ok, unsupported_reason)
 
 
 class _Precomputed(nn.Module):
@@ -118,7 +120,7 @@ def _gemm_weight(conv: nn.Conv1d) -> torch.Tensor:
     """``conv.weight`` ``(out, in, k)`` as the ``(k * in, out)`` matrix that multiplies a window of
     ``k`` channels-last input rows laid end to end."""
     w = conv.weight
-    if w.requires_grad and torch.is_grad_enabled():
+    if w.requires_grad:  # trainable: rebuilt each call (a fused optimizer step leaves _version unchanged)
         return w.permute(2, 1, 0).reshape(-1, w.shape[0])
     hit = _GEMM_WEIGHTS.get(id(w))
     if hit is not None and hit[0] == w._version and hit[1] is w:
@@ -130,20 +132,27 @@ def _gemm_weight(conv: nn.Conv1d) -> torch.Tensor:
 
 
 def _strided_conv_gemm(x: torch.Tensor, rows: int, k: int, s: int, wmat: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+                       bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """A stride-``s``, kernel-``k`` convolution over channels-last rows ``x`` ``(N, C)`` as matrix
     products without im2col copies: output row ``r`` reads input rows ``s r .. s r + k - 1``, split
     into ``ceil(k / s)`` groups of at most ``s`` consecutive rows; each group over all ``r`` is a
-    strided view ``(rows, <= s C)`` with row stride ``s C``, which BLAS reads in place."""
+    strided view ``(rows, <= s C)`` with row stride ``s C``, which BLAS reads in place. ``out``: a
+    ``(rows, C_out)`` buffer to write into (no autograd)."""
     c = x.shape[1]
     x = x.contiguous()
-    out = None
+    first = True
     for j0 in range(0, k, s):
         width = min(s, k - j0) * c
         view = x.as_strided((rows, width), (s * c, 1), x.storage_offset() + j0 * c)
         w = wmat[j0 * c : j0 * c + width]
-        if out is None:
-            out = torch.addmm(bias, view, w) if bias is not None else view @ w
+        if first:
+            first = False
+            if out is not None:  # the product, then the bias in place (cheaper than addmm's bias pass)
+                torch.mm(view, w, out=out)
+                if bias is not None:
+                    out.add_(bias)
+            else:
+                out = torch.addmm(bias, view, w) if bias is not None else view @ w
         elif torch.is_grad_enabled() and (out.requires_grad or view.requires_grad or w.requires_grad):
             out = out + view @ w
         else:
@@ -154,8 +163,9 @@ def _strided_conv_gemm(x: torch.Tensor, rows: int, k: int, s: int, wmat: torch.T
 def _activation(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``act(h)``, in place for the exact GELU when no gradient is recorded (one pass less over the
     largest tensors of the CNN)."""
-    if (type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu
-            and not (torch.is_grad_enabled() and h.requires_grad)):
+    exact_gelu = ((type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu)
+                  or (type(act) is nn.GELU and act.approximate == "none"))
+    if exact_gelu and not (torch.is_grad_enabled() and h.requires_grad):
         return torch._C._nn.gelu_(h)
     return act(h)
 
@@ -187,6 +197,7 @@ def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple
         flat[b * pitch : b * pitch + len(w)] = w
     counts = list(lengths)
     h = None
+    reuse = scratch_ok(flat)
     for i, layer in enumerate(layers):
         conv = layer.conv
         k, s = conv.kernel_size[0], conv.stride[0]
@@ -197,7 +208,9 @@ def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple
             patches = flat.as_strided((len(waves), rows_per_clip, k), (pitch, s, 1)).contiguous()  # (B, P0, k)
             w0 = conv.weight.reshape(conv.out_channels, k)  # (C, k)
             if isinstance(norm, nn.GroupNorm):
-                h = _group_norm_folded_first_layer(patches, counts, w0, conv.bias, norm)
+                buf = (scratch(feature_encoder, "cnn0", patches.shape[0] * rows_per_clip, conv.out_channels, patches)
+                       if reuse and len(layers) > 1 else None)
+                h = _group_norm_folded_first_layer(patches, counts, w0, conv.bias, norm, out=buf)
             else:
                 h = patches.reshape(-1, k) @ w0.t()
                 if conv.bias is not None:
@@ -208,7 +221,11 @@ def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple
             pitch_rows //= s
             # rows past the end of the last clip's scratch are not computed (never valid)
             rows = min(len(waves) * pitch_rows, (h.shape[0] - k) // s + 1)
-            h = _strided_conv_gemm(h, rows, k, s, _gemm_weight(conv), conv.bias)
+            # intermediate layers write into reused buffers (ping-pong); the last one, whose rows
+            # are returned, into fresh memory
+            buf = (scratch(feature_encoder, f"cnn{i % 2}", rows, conv.out_channels, h)
+                   if reuse and i < len(layers) - 1 else None)
+            h = _strided_conv_gemm(h, rows, k, s, _gemm_weight(conv), conv.bias, out=buf)
         if isinstance(norm, nn.LayerNorm):
             h = nn.functional.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         h = _activation(layer.activation, h)
@@ -217,7 +234,8 @@ def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple
 
 
 def _group_norm_folded_first_layer(patches: torch.Tensor, counts: Sequence[int], w0: torch.Tensor,
-                                   bias: torch.Tensor | None, gn: nn.GroupNorm) -> torch.Tensor:
+                                   bias: torch.Tensor | None, gn: nn.GroupNorm,
+                                   out: torch.Tensor | None = None) -> torch.Tensor:
     """conv -> GroupNorm(channels) of the first layer as one batched product with per-clip weights.
 
     For clip ``b`` with valid windows ``x_t`` (rows of ``patches``), channel ``c``'s conv output is
@@ -244,13 +262,16 @@ def _group_norm_folded_first_layer(patches: torch.Tensor, counts: Sequence[int],
         shift = shift + gn.bias.double()[None]
     del bias  # the conv bias moves the mean only: it cancels in the normalisation
     weff = (w64[None] * scale[..., None]).transpose(1, 2).to(patches.dtype)  # (B, k, C)
+    if out is not None:  # (B * rows, C) buffer: the product, then the shift in place
+        res = torch.bmm(patches, weff, out=out.view(bsz, rows, -1))
+        return res.add_(shift.to(patches.dtype)[:, None, :])
     return torch.baddbmm(shift.to(patches.dtype)[:, None, :], patches, weff)
 
 
 def _frozen(key: str, build, *params: torch.Tensor) -> torch.Tensor:
     """``build()`` cached per parameter set and version when no gradient is recorded for them
     (extraction: frozen weights rearranged once); rebuilt, with autograd, otherwise."""
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    if any(p.requires_grad for p in params):  # trainable: rebuilt each call (see ssl_native._cached)
         return build()
     ident = (key,) + tuple(id(p) for p in params)
     versions = tuple(p._version for p in params)
@@ -274,26 +295,6 @@ def pos_conv_croppable(module: nn.Module) -> bool:
             and getattr(module, "batch_norm", None) is None and conv.stride == (1,) and conv.dilation == (1,)
             and conv.padding_mode == "zeros" and conv.padding[0] == conv.kernel_size[0] // 2
             and type(module).forward.__qualname__.endswith("PositionalConvEmbedding.forward"))
-
-
-def _pos_conv_cropped(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The positional convolution with its kernel cut to the taps that can meet a frame.
-
-    Output ``t`` of the "same" convolution reads input ``t + j - pad`` through tap ``j``; with
-    ``T`` frames only taps ``pad - (T - 1) .. pad + T - 1`` ever read one, so on short inputs
-    (``2 T - 1`` below the kernel's 128) the rest multiply zero padding. Same sums without the zero
-    terms (float rounding aside). Padding frames are zero on input (the model zeroes them first).
-    """
-    conv = module.conv
-    x = hidden_states.transpose(1, 2)
-    t = x.shape[-1]
-    k, pad = conv.kernel_size[0], conv.padding[0]
-    lo, hi = max(0, pad - (t - 1)), min(k - 1, pad + t - 1)
-    w = conv.weight  # weight norm recomputed here, as in the module (cheap next to the conv)
-    if lo > 0 or hi < k - 1:
-        w = w[:, :, lo : hi + 1]
-    y = nn.functional.conv1d(x, w, conv.bias, padding=pad - lo, groups=conv.groups)[..., :t]
-    return module.activation(y).transpose(1, 2)
 
 
 def wavlm_attention_fast(attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -380,59 +381,69 @@ class SSLEncoder(Encoder):
         amp: str | None = None,
         layers: Sequence[int] | None = None,
     ):
-        from transformers import AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         local_dir = Path(local_dir)
         self.name = name or str(local_dir)
         self.revision = revision
         self.device = device
-        self.model = AutoModel.from_pretrained(str(local_dir), dtype=torch.float32).to(device).eval()
-        cfg = self.model.config
-        if (local_dir / "preprocessor_config.json").exists():
-            self.feature_extractor = AutoFeatureExtractor.from_pretrained(str(local_dir))
-            fe_note = ""
-        else:
-            self.feature_extractor = Wav2Vec2FeatureExtractor()
-            fe_note = "no preprocessor_config.json: Wav2Vec2FeatureExtractor defaults used"
-        self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
-        self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000))
-        self.group_norm_cnn = getattr(cfg, "feat_extract_norm", "group") != "layer"
+        self.local_dir = local_dir
+        raw = json.loads((local_dir / "config.json").read_text())
+        self._model = None
+        self._feature_extractor = None
+        # extraction runs without transformers where this layout is a known one (ssl_native);
+        # transformers' model is loaded when something asks for it (fine-tuning, data2vec-audio, ...)
+        self.native_note = unsupported_reason(raw) or ""
+        self._net = None
+        # the packed forward (ssl_native.packed_forward) runs on any model of a known layout: the
+        # native modules, or transformers' model when that was loaded (sharded weights, fine-tuning)
+        self.packed = not self.native_note
+        if not self.native_note:
+            try:
+                self._net = load_native(raw, local_dir, device)
+            except NativeUnsupported as exc:
+                self.native_note = str(exc)
+        cfg = raw if self._net is not None else self.model.config.to_dict()
+        self.recipe, fe_note = RecipeInputs.from_dir(local_dir)
+        self.do_normalize = self.recipe.do_normalize
+        self.sample_rate = self.recipe.sampling_rate
+        self.group_norm_cnn = cfg.get("feat_extract_norm", "group") != "layer"
         # group-norm CNNs run batched with a masked norm when their layout is the known one,
         # otherwise one clip at a time
-        self.cnn_per_clip = self.group_norm_cnn and not group_norm_batchable(self.model.feature_extractor)
+        self.cnn_per_clip = self.group_norm_cnn and not group_norm_batchable(self._net.feature_extractor)
         # the CNN as matrix products (gemm_cnn) where its layout is a known one; else torch's Conv1d
-        self.cnn_gemm = gemm_cnn_supported(self.model.feature_extractor)
+        self.cnn_gemm = gemm_cnn_supported(self._net.feature_extractor)
         # cropped positional convolution and WavLM's attention without weights (fast_transformer)
         self.transformer_fast = True
         # data2vec-audio's positional embedding is a stack of convolutions: values at masked
         # positions leak into real frames after the first one, so it only batches clips of equal
         # frame count (no mask needed at all then).
-        self.mask_exact = cfg.model_type != "data2vec-audio"
-        kernels, strides = list(cfg.conv_kernel), list(cfg.conv_stride)
+        self.mask_exact = cfg.get("model_type") != "data2vec-audio"
+        kernels, strides = list(cfg["conv_kernel"]), list(cfg["conv_stride"])
         rf, jump = 1, 1
         for k, s in zip(kernels, strides):
             rf += (k - 1) * jump
             jump *= s
+        self._convs = [(int(k), int(s)) for k, s in zip(kernels, strides)]
         self.frame_stride_samples = jump
         self.receptive_field_samples = rf
         self.first_frame_center_samples = (rf - 1) / 2
-        n_hidden = cfg.num_hidden_layers + 1
+        n_hidden = int(cfg["num_hidden_layers"]) + 1
         self.layer_ids = list(range(n_hidden)) if layers is None else sorted(set(int(k) for k in layers))
         if any(k < 0 or k >= n_hidden for k in self.layer_ids):
             raise ValueError(f"layers must lie in 0..{n_hidden - 1} for this model")
-        self.layer_dims = [int(cfg.hidden_size)] * len(self.layer_ids)
+        self.layer_dims = [int(cfg["hidden_size"])] * len(self.layer_ids)
         self.padding_exact = True
         self.amp = amp
-        self.config = cfg.to_dict()
+        self.config = raw  # config.json as the checkpoint ships it
         self.extra_attrs: dict[str, Any] = {
-            "feature_extractor_config": json.dumps(self.feature_extractor.to_dict(), sort_keys=True, default=str),
+            "feature_extractor_config": json.dumps(self.recipe.to_dict(), sort_keys=True, default=str),
             "cnn_mode": ("per-clip" if self.cnn_per_clip else
                          "batched, masked group norm" if self.group_norm_cnn else "batched"),
             "transformer_batching": "masked" if self.mask_exact else "equal-length",
             # how the CNN is computed (the values agree to ~1e-6, not bit for bit)
             "cnn_kernel": "gemm" if self.cnn_gemm else "conv1d",
+            # how the transformer is computed: packed true frames (ssl_native) or transformers' forward
+            # with a frame mask (the values agree to ~1e-5, not bit for bit)
+            "transformer_kernel": "packed" if self.packed else "transformers",
             "do_normalize": self.do_normalize,
         }
         if fe_note:
@@ -440,10 +451,50 @@ class SSLEncoder(Encoder):
         self.stats = {"frames": 0, "padded_frames": 0, "batches": 0, "cnn_seconds": 0.0, "transformer_seconds": 0.0}
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """transformers' model of this checkpoint (``AutoModel``, float32, eval), loaded on first use;
+        from then on extraction runs on its modules too (shared weights: a fine-tuned model's edits
+        are what :meth:`encode` sees)."""
+        if self._model is None:
+            from transformers import AutoModel
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            self.model = AutoModel.from_pretrained(str(self.local_dir), dtype=torch.float32).to(self.device).eval()
+        return self._model
+
+    @model.setter
+    def model(self, module: nn.Module) -> None:
+        self._model = module
+        self._net = module
+
+    @property
+    def feature_extractor(self):
+        """transformers' feature extractor of this checkpoint (loaded on first use; what fine-tuning
+        saves beside its weights). Extraction reads the same file itself (:attr:`recipe`)."""
+        if self._feature_extractor is None:
+            from transformers import AutoFeatureExtractor, Wav2Vec2FeatureExtractor
+
+            if (self.local_dir / "preprocessor_config.json").exists():
+                self._feature_extractor = AutoFeatureExtractor.from_pretrained(str(self.local_dir))
+            else:
+                self._feature_extractor = Wav2Vec2FeatureExtractor()
+        return self._feature_extractor
+
+    @property
+    def padded_attention_mask(self) -> bool:
+        """Whether the common recipe passes an attention mask (the checkpoint's feature extractor returns one)."""
+        return self.recipe.return_attention_mask
+
     def num_frames(self, num_samples: int) -> int:
-        if num_samples < self.receptive_field_samples:
+        """Frames of ``num_samples`` samples: the conv formula ``(n - k) // s + 1`` per layer (0 below one frame)."""
+        n = int(num_samples)
+        if n < self.receptive_field_samples:
             return 0
-        return int(self.model._get_feat_extract_output_lengths(torch.tensor(int(num_samples))).item())
+        for k, s in self._convs:
+            n = (n - k) // s + 1
+        return n
 
     def preprocess(self, clip: np.ndarray) -> np.ndarray:
         """The checkpoint's per-clip normalisation, over the clip's own samples."""
@@ -471,7 +522,7 @@ class SSLEncoder(Encoder):
         Runs in chunks of :attr:`cnn_chunk` clips (one at a time for an unknown group-norm layout);
         gradients flow where autograd is on (fine-tuning the CNN).
         """
-        fe = self.model.feature_extractor
+        fe = self._net.feature_extractor
         out: list[torch.Tensor] = []
         if self.cnn_gemm:
             a = 0
@@ -565,9 +616,42 @@ class SSLEncoder(Encoder):
         return self._encode(clips)
 
     def _encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+        if self.packed:
+            waves = [torch.from_numpy(self.preprocess(c)).to(self.device) for c in clips]
+            return self._packed(waves)
         hs, lengths = self.hidden_states(clips)
         stacked = torch.stack([hs[k] for k in self.layer_ids]).float().cpu().numpy()  # (L, B, T, D)
         return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
+
+    @torch.inference_mode()
+    def _packed(self, waves: Sequence[torch.Tensor], valid: Sequence[int] | None = None,
+                count: bool = True) -> list[list[np.ndarray]]:
+        """Each wave's selected layers ``(frames, D)`` through the CNN and :func:`packed_forward`
+        (``valid``: real frames per wave, the padded recipe's mask; ``count``: add the frames and
+        the batch to :attr:`stats`)."""
+        nl = len(self.layer_ids)
+        out: list[list[np.ndarray]] = [[np.zeros((0, d), np.float32) for d in self.layer_dims] for _ in waves]
+        live = [i for i, w in enumerate(waves) if self.num_frames(len(w)) > 0]
+        if not live:
+            return out
+        with self._autocast():
+            t0 = time.perf_counter()
+            feats = self.cnn_outputs([waves[i] for i in live])
+            if str(self.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            hidden, offsets = packed_forward(self._net, self.config, feats, self.layer_ids,
+                                             None if valid is None else [valid[i] for i in live])
+            arr = hidden.float().cpu().numpy()
+        counts = [int(f.shape[-1]) for f in feats]
+        self.stats["cnn_seconds"] += t1 - t0
+        self.stats["transformer_seconds"] += time.perf_counter() - t1
+        if count:
+            self.stats["frames"] += sum(counts)
+            self.stats["batches"] += 1
+        for i, o, t in zip(live, offsets, counts):
+            out[i] = [arr[k, o : o + t] for k in range(nl)]
+        return out
 
     # ------------------------------------------------------------------------------------------
     def common_pipeline(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0, fast: bool = False
@@ -595,25 +679,30 @@ class SSLEncoder(Encoder):
         if full == 0:
             raise ValueError(f"--emulate-padding {pad_seconds:g} s is shorter than one frame of this model "
                              f"({self.receptive_field_samples / self.sample_rate:g} s)")
-        inputs = self.feature_extractor([np.asarray(c, dtype=np.float32) for c in clips], sampling_rate=self.sample_rate,
-                                        padding="max_length", max_length=n_pad, truncation=True, return_tensors="pt")
-        masked = "attention_mask" in inputs
-        x = inputs["input_values"].to(self.device)
+        values, attention = self.recipe.padded(clips, n_pad)
+        x = torch.from_numpy(values).to(self.device)
+        true = [self.num_frames(min(len(c), n_pad)) for c in clips]
+        keep = [full if keep_padding else t for t in true]
+        if fast and self.packed:
+            real = [self.num_frames(int(n)) for n in attention.sum(-1)] if attention is not None else None
+            frames = self._packed(list(x), valid=real, count=False)
+            self.stats["frames"] += sum(true)
+            self.stats["padded_frames"] += len(clips) * full - sum(true)
+            self.stats["batches"] += 1
+            return [[f[:t] for f in per] for per, t in zip(frames, keep)]
         with self._autocast(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*key_padding_mask.*")
             if fast:
                 feats = self.cnn_outputs(list(x))
-                real = inputs["attention_mask"].sum(-1).tolist() if masked else [n_pad] * len(clips)
+                real = attention.sum(-1).tolist() if attention is not None else [n_pad] * len(clips)
                 hidden, _ = self.forward_hidden_states([x[i, : int(n)] for i, n in enumerate(real)], feats)
             else:
-                kwargs = {"attention_mask": inputs["attention_mask"].to(self.device)} if masked else {}
+                kwargs = {"attention_mask": torch.from_numpy(attention).to(self.device)} if attention is not None else {}
                 hidden = self.model(x, output_hidden_states=True, **kwargs).hidden_states
         stacked = torch.stack([hidden[k] for k in self.layer_ids]).float().cpu().numpy()
-        true = [self.num_frames(min(len(c), n_pad)) for c in clips]
         self.stats["frames"] += sum(true)
         self.stats["padded_frames"] += len(clips) * full - sum(true)
         self.stats["batches"] += 1
-        keep = [full if keep_padding else t for t in true]
         return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(keep)]
 
     def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
@@ -627,7 +716,7 @@ class SSLEncoder(Encoder):
         mean_abs = [float(np.mean([np.abs(p[k] - s[k]).mean() for p, s in zip(padded, solo)])) for k in range(nl)]
         return {
             "clips": len(clips), "pad_seconds": pad_seconds,
-            "attention_mask": bool(getattr(self.feature_extractor, "return_attention_mask", False)),
+            "attention_mask": self.recipe.return_attention_mask,
             "median_clip_seconds": float(np.median([len(c) for c in clips]) / self.sample_rate),
             "layers": self.layer_ids, "max_abs": max_abs, "mean_abs": mean_abs,
         }

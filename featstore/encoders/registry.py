@@ -46,18 +46,27 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def resolve_pretrained(name: str) -> tuple[Path, str]:
+def resolve_pretrained(name: str, background_hash: bool = False) -> tuple[Path, Any]:
     """Find the weights of ``name`` (alias, hub id or directory): ``(local_dir, revision)``.
 
     A directory is used as is (revision = content hash of its config and weights). A hub id is
     looked up in the local Hugging Face cache first; only when it is absent and the hub is not
     switched off (``HF_HUB_OFFLINE``) is a download tried. Failure raises :class:`ModelNotAvailable`
-    with instructions instead of a traceback.
+    with instructions instead of a traceback. ``background_hash``: a directory's revision is a
+    future, hashed in a thread (hashlib and file reads release the GIL) while the caller goes on
+    building the model (:attr:`Encoder.revision` waits for it when read).
     """
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelNotAvailable(f"{path} is a directory but holds no config.json (not a Hugging Face model)")
+        if background_hash:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-hash")
+            future = pool.submit(lambda: "sha256:" + content_hash(path))
+            pool.shutdown(wait=False)
+            return path.resolve(), future
         return path.resolve(), "sha256:" + content_hash(path)
     if path.suffix or name.startswith((".", "/", "~")):
         raise ModelNotAvailable(f"no model directory at {path}")
@@ -120,7 +129,7 @@ def load_encoder(name: str, device: str = "auto", random_init: int | None = None
         from featstore.encoders.frontends import make_frontend
 
         return make_frontend(name, **options)
-    local, revision = resolve_pretrained(name)
+    local, revision = resolve_pretrained(name, background_hash=True)
     import json
 
     model_type = json.loads((local / "config.json").read_text()).get("model_type", "")

@@ -341,10 +341,10 @@ class WhisperEncoder(Encoder):
             layer = enc.layers[i]
             fast = self.fast_layers and _fast_layer_ok(layer)
             if i == n - 1:  # only the kept frames of the last layer are returned: only their queries
-                x = _layer_fast(layer, x, keep) if fast else layer(x, None)
+                x = _layer_fast(layer, x, keep, owner=enc) if fast else layer(x, None)
                 states.append(enc.layer_norm(x[:, :keep]))
             else:
-                x = _layer_fast(layer, x) if fast else layer(x, None)
+                x = _layer_fast(layer, x, owner=enc) if fast else layer(x, None)
                 states.append(x[:, :keep])
         return states
 
@@ -392,18 +392,24 @@ def _fast_layer_ok(layer) -> bool:
             and all(hasattr(layer, a) for a in ("self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "activation_fn")))
 
 
-def _layer_fast(layer, x, keep: int | None = None):
+def _layer_fast(layer, x, keep: int | None = None, owner=None):
     """``WhisperEncoderLayer.forward(x, None)`` with the outputs of the first ``keep`` positions only
     (all when ``None``): keys and values from the whole window, queries, output projection and MLP
     for the kept rows (row-wise the same sums). q/k/v go to ``scaled_dot_product_attention`` as
-    strided views, without the contiguous copies of the Hugging Face module."""
+    strided views, without the contiguous copies of the Hugging Face module. ``owner``: a module
+    that keeps reusable buffers (:func:`_layer_inference` then runs where no autograd records)."""
     import torch
     import torch.nn.functional as F
+
+    from featstore.encoders.ssl_native import scratch_ok
 
     attn = layer.self_attn
     bsz, t, e = x.shape
     h_, d = attn.num_heads, e // attn.num_heads
     tq = t if keep is None else min(int(keep), t)
+    dropout = layer.training and (layer.dropout or layer.activation_dropout or attn.dropout)
+    if owner is not None and scratch_ok(x) and not dropout:
+        return _layer_inference(layer, x, tq, owner)
     h = layer.self_attn_layer_norm(x)
     hq = h if tq == t else h[:, :tq]
     q = (attn.q_proj(hq) * attn.scaling).view(bsz, tq, h_, d).transpose(1, 2)
@@ -420,6 +426,49 @@ def _layer_fast(layer, x, keep: int | None = None):
         clamp = torch.finfo(x.dtype).max - 1000
         x = torch.clamp(x, min=-clamp, max=clamp)
     return x
+
+
+def _layer_inference(layer, x, tq: int, owner):
+    """:func:`_layer_fast` for extraction (float32 on the CPU, no autograd): q, k and v as one
+    product, every product written into buffers kept on ``owner`` and reused (no fresh ~100-MB
+    tensors to page-fault), biases and the GELU applied in place; q scaled before the attention
+    kernel as the module does (passing the scale to the kernel instead moved frames by ~1e-5
+    relative on large weights). Bit-identical to the module on the test models."""
+    import torch
+    import torch.nn.functional as F
+
+    from featstore.encoders.ssl_native import _cached, _linear_into, scratch
+
+    attn = layer.self_attn
+    bsz, t, e = x.shape
+    h_, d = attn.num_heads, e // attn.num_heads
+    h = layer.self_attn_layer_norm(x).view(-1, e)
+    bias_k = attn.k_proj.bias
+    w = _cached(attn, "qkv_w", lambda: torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    b = _cached(attn, "qkv_b", lambda: torch.cat([attn.q_proj.bias,
+                                                  torch.zeros_like(attn.q_proj.bias) if bias_k is None else bias_k,
+                                                  attn.v_proj.bias]),
+                *(p for p in (attn.q_proj.bias, bias_k, attn.v_proj.bias) if p is not None))
+    qkv = _linear_into(owner, "qkv", h, weight=w, bias=b).view(bsz, t, 3, h_, d)
+    q = qkv[:, :tq, 0].transpose(1, 2) * attn.scaling
+    k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H, tq, d)
+    ctx = scratch(owner, "ctx", bsz * tq, e, x)
+    ctx.view(bsz, tq, h_, d).copy_(o.transpose(1, 2))
+    x = x[:, :tq] + _linear_into(owner, "out", ctx, attn.out_proj).view(bsz, tq, e)
+    y = _linear_into(owner, "fc1", layer.final_layer_norm(x).view(-1, e), layer.fc1)
+    if _exact_gelu(layer.activation_fn):
+        torch._C._nn.gelu_(y)
+    else:
+        y = layer.activation_fn(y)
+    return x + _linear_into(owner, "fc2", y, layer.fc2).view(bsz, tq, e)
+
+
+def _exact_gelu(fn) -> bool:
+    import torch.nn.functional as F
+
+    return type(fn).__name__ == "GELUActivation" and getattr(fn, "act", None) is F.gelu
 
 
 def _check_context(value: float | None, full_seconds: float, step: float) -> float | None:
