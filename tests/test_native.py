@@ -190,3 +190,29 @@ def test_fused_optimizer_step_is_seen_by_the_next_encode(layouts):
     for clip, per_layer in zip(clips, got):
         for g, r in zip(per_layer, _hf_solo(enc, clip)):
             assert np.abs(g - r).max() < 1e-5
+
+
+def test_scratch_reused_with_headroom():
+    from featstore.encoders.ssl_native import scratch
+
+    owner = torch.nn.Module()
+    like = torch.zeros(1)
+    a = scratch(owner, "x", 100, 8, like)
+    b = scratch(owner, "x", 110, 8, like)  # 10 % more rows: the same memory
+    assert a.shape == (100, 8) and b.shape == (110, 8) and a.data_ptr() == b.data_ptr()
+    c = scratch(owner, "x", 200, 8, like)  # beyond the headroom: a new buffer
+    assert c.shape == (200, 8) and c.data_ptr() != a.data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["wavlm", "wav2vec2-stable"])
+def test_autocast_bf16_runs_and_stays_close(layouts, layout):
+    """``--amp bf16`` (autocast; on the CPU here, as on a GPU): the GEMM CNN's in-place
+    accumulation mixed a bf16 product with float32 operands and raised; now it runs, and the
+    frames stay within bf16 rounding of the float32 ones."""
+    clips = _clips(4, seed=8)
+    ref = SSLEncoder(layouts[layout]).encode(clips)
+    got = SSLEncoder(layouts[layout], amp="bf16").encode(clips)
+    for g_clip, r_clip in zip(got, ref):
+        for g, r in zip(g_clip, r_clip):
+            assert g.dtype == np.float32 and g.shape == r.shape
+            assert np.abs(g - r).max() <= 0.1 * max(1.0, float(np.abs(r).max()))

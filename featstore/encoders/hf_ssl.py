@@ -153,7 +153,8 @@ def _strided_conv_gemm(x: torch.Tensor, rows: int, k: int, s: int, wmat: torch.T
                     out.add_(bias)
             else:
                 out = torch.addmm(bias, view, w) if bias is not None else view @ w
-        elif torch.is_grad_enabled() and (out.requires_grad or view.requires_grad or w.requires_grad):
+        elif (torch.is_grad_enabled() and (out.requires_grad or view.requires_grad or w.requires_grad)) \
+                or not out.dtype == view.dtype == w.dtype:  # autocast: products are cast, in-place ops are not
             out = out + view @ w
         else:
             out.addmm_(view, w)

@@ -302,7 +302,8 @@ def scratch(owner: nn.Module, name: str, rows: int, cols: int, like: torch.Tenso
     need = rows * cols
     buf = pool.get(name)
     if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
-        buf = torch.empty(need, dtype=like.dtype, device=like.device)
+        # a quarter of headroom: batches of slowly growing size reuse one buffer
+        buf = torch.empty(need + need // 4, dtype=like.dtype, device=like.device)
         pool[name] = buf
     return buf[:need].view(rows, cols)
 
@@ -441,14 +442,16 @@ def packed_forward(net: nn.Module, cfg: dict[str, Any], feats: Sequence[torch.Te
             ctx[off : off + n * t] = o.transpose(1, 2).reshape(n * t, e)
         attn = _linear_into(net, "attn", ctx, a.out_proj)
         ff = layer.feed_forward
+        reuse = scratch_ok(h)  # the products are scratch buffers: residual sums in place there
         if stable:
             h = h + attn
             f = _gelu_(_linear_into(net, "ff1", _layer_norm(layer.final_layer_norm, h), ff.intermediate_dense))
             h = h + _linear_into(net, "ff2", f, ff.output_dense)
         else:
-            h = _layer_norm(layer.layer_norm, h + attn)
+            h = _layer_norm(layer.layer_norm, attn.add_(h) if reuse else h + attn)
             f = _gelu_(_linear_into(net, "ff1", h, ff.intermediate_dense))
-            h = _layer_norm(layer.final_layer_norm, h + _linear_into(net, "ff2", f, ff.output_dense))
+            f2 = _linear_into(net, "ff2", f, ff.output_dense)
+            h = _layer_norm(layer.final_layer_norm, f2.add_(h) if reuse else h + f2)
         if li + 1 in slot:
             out[slot[li + 1]] = h
         if li + 1 >= max(layer_ids):
