@@ -43,7 +43,7 @@ t5 = time.perf_counter()
 enc.encode(clips)
 t6 = time.perf_counter()
 tf = sorted(m for m in sys.modules if m.split(".")[0] == "transformers")
-print(f"import torch {t1 - t0:.2f} s; featstore + CLI {t2 - t1:.2f} s; load the model (config, weights, content hash) "
+print(f"import torch {t1 - t0:.2f} s; featstore + CLI {t2 - t1:.2f} s; load the model (config, weights; its content hash runs in the background) "
       f"{t3 - t2:.2f} s; read the manifest and probe {len(man.rows)} durations {t4 - t3:.2f} s; first encode of 64 "
       f"clips of 0.15 s {t5 - t4:.2f} s (the same batch again {t6 - t5:.2f} s); transformers imported: {bool(tf)}")
 '''
