@@ -59,3 +59,35 @@ def existing(path: Path, what: str = "store") -> Path:
 def csv_list(value: str) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def run_console_script(app: typer.Typer) -> NoReturn:
+    """Run ``app`` as the console script does, then end the process without the interpreter's
+    teardown: after an extraction, freeing torch's modules and tensors module by module takes
+    ~0.4 s on two cores, a tenth of a small job's fixed cost. Exit functions still run
+    (``atexit``: logging, temporary files), output is flushed, and the exit code is the app's.
+    Where another non-daemon thread is still alive, or the app ended with an exception, the
+    normal exit runs instead. In-process callers (tests, ``CliRunner``) call ``app`` itself."""
+    import atexit
+    import sys
+    import threading
+
+    try:
+        app()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -305,7 +305,9 @@ app.command("finetune")(finetune)
 
 
 def main() -> None:
-    app()
+    from .errors import run_console_script
+
+    run_console_script(app)
 
 
 if __name__ == "__main__":

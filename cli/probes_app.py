@@ -135,7 +135,9 @@ app.command("analyze")(analyze)
 
 
 def main() -> None:
-    app()
+    from .errors import run_console_script
+
+    run_console_script(app)
 
 
 if __name__ == "__main__":
