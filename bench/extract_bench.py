@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: a random-weight base WavLM)")
     ap.add_argument("--batch-seconds", type=float, default=60.0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda")
+    ap.add_argument("--amp", default="fp32", help="featstore extract --amp (fp32, bf16, fp16); the recipe stays float32")
     ap.add_argument("--solo-check", type=int, default=16, help="clips compared against solo runs")
     ap.add_argument("--skip-padded", action="store_true", help="time only featstore (no ratio)")
     ap.add_argument("--whisper", default=str(DEFAULT_WHISPER), help="Whisper model directory ('' to skip)")
@@ -250,7 +251,7 @@ def main() -> None:
 
     store = tmp / "store.h5"
     t_ours, started, _ = run_timed([sys.executable, "-m", "cli.featstore_app", "extract", "--manifest", str(manifest),
-                                    "--model", str(model_dir), "--out", str(store), "--device", args.device,
+                                    "--model", str(model_dir), "--out", str(store), "--device", args.device, "--amp", args.amp,
                                     "--batch-seconds", str(args.batch_seconds)], env)
     mm_after = matmul_rate()
     print(f"(b) featstore extract: {t_ours:.1f} s whole process ({load_text()}); matmul after: {mm_after:.0f} GFLOP/s")
@@ -263,13 +264,19 @@ def main() -> None:
     tim = stats.get("timings", {})
     ttfb = tim["first_batch_unix"] - started
     loop = tim["batch_loop"]
-    enc = SSLEncoder(model_dir, device=args.device)
+    enc = SSLEncoder(model_dir, device=args.device, amp=args.amp)
+    ref = SSLEncoder(model_dir, device=args.device) if args.amp != "fp32" else None
     rng = np.random.default_rng(0)
+    d_fp32 = 0.0
     d_ours = 0.0
     for i in rng.choice(args.n, size=min(args.solo_check, args.n), replace=False):
         clip = sf.read(str(tmp / "wav" / f"c{int(i):05d}.wav"), dtype="float32")[0]
         solo = enc._encode([clip])[0]
         d_ours = max(d_ours, max(float(np.abs(st.frames(int(i), k) - solo[k]).max()) for k in range(enc.num_layers)))
+        if ref is not None:  # how far autocast moves the frames from float32, relative to each layer's largest value
+            exact = ref._encode([clip])[0]
+            d_fp32 = max(d_fp32, max(float(np.abs(st.frames(int(i), k) - exact[k]).max() / np.abs(exact[k]).max())
+                                     for k in range(enc.num_layers)))
     rate = lambda f, s: f / s / 1e9  # noqa: E731
     print()
     print("| pipeline | wall s (whole process) | true-audio s/s |")
@@ -296,6 +303,9 @@ def main() -> None:
           f"({mm1:.0f} GFLOP/s per CPU second; {load_text()})")
     print(f"batched == solo: max abs diff {d_ours:.3g} over {args.solo_check} clips, all layers; padded frames "
           f"{100 * stats['padded_frames'] / max(stats['frames'] + stats['padded_frames'], 1):.1f} %")
+    if ref is not None:
+        print(f"--amp {args.amp} vs float32: max abs diff {100 * d_fp32:.2f} % of the layer's largest value "
+              f"(over {args.solo_check} clips, all layers)")
     if args.whisper and Path(args.whisper).is_dir():
         cps, wf, done, pos = whisper_throughput(Path(args.whisper), args.whisper_clips)
         print(f"Whisper {Path(args.whisper).name}, full window ({pos} positions): {cps:.2f} clips/s; "
