@@ -44,7 +44,7 @@ def extract(
     device: str = typer.Option("auto", help="auto (cuda when present), cpu, cuda, cuda:1."),
     batch_seconds: float = typer.Option(60.0, help="Audio seconds per batch (length * clips of the longest clip)."),
     dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
-    amp: str = typer.Option("fp32", help="Autocast on GPU: fp32 (off), bf16, fp16."),
+    amp: str = typer.Option("fp32", help="Autocast (GPU, or a CPU with bf16 units): fp32 (off), bf16, fp16."),
     crop_to_segment: bool = typer.Option(False, help="With start/end: encode only the segment's audio instead of the whole clip."),
     textgrid_tier: Optional[str] = typer.Option(None, help="Take segments from this tier of <audio>.TextGrid."),
     textgrid_labels: Optional[str] = typer.Option(None, help="Comma-separated interval labels to take (default: all non-empty)."),
