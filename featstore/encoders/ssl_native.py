@@ -413,6 +413,8 @@ def packed_forward(net: nn.Module, cfg: dict[str, Any], feats: Sequence[torch.Te
     d = e // heads
     biases: dict[int, torch.Tensor] = {}
     for li, layer in enumerate(layers):
+        if li >= max(layer_ids):  # the layers above the highest one asked for are not computed
+            break
         a = layer.attention
         a_in = _layer_norm(layer.layer_norm, h) if stable else h
         w = _cached(a, "qkv_w", lambda: torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
@@ -454,6 +456,4 @@ def packed_forward(net: nn.Module, cfg: dict[str, Any], feats: Sequence[torch.Te
             h = _layer_norm(layer.final_layer_norm, f2.add_(h) if reuse else h + f2)
         if li + 1 in slot:
             out[slot[li + 1]] = h
-        if li + 1 >= max(layer_ids):
-            break
     return out, offsets
