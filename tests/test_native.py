@@ -217,3 +217,32 @@ def test_autocast_bf16_runs_and_stays_close(layouts, layout):
         for g, r in zip(g_clip, r_clip):
             assert g.dtype == np.float32 and g.shape == r.shape
             assert np.abs(g - r).max() <= 0.1 * max(1.0, float(np.abs(r).max()))
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_pytorch_model_bin_with_old_names_and_formats(layouts, tmp_path, zipfile):
+    """A ``pytorch_model.bin`` as older checkpoints ship it: a task model's prefix, ``weight_g`` /
+    ``weight_v``, and (``zipfile=False``) torch's legacy serialisation, which cannot be memory-mapped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = layouts["wav2vec2"]
+    d = tmp_path / "old"
+    d.mkdir()
+    for f in ("config.json", "preprocessor_config.json"):
+        shutil.copy(src / f, d / f)
+    sd = load_file(str(src / "model.safetensors"))
+    g = sd.pop("encoder.pos_conv_embed.conv.parametrizations.weight.original0")
+    v = sd.pop("encoder.pos_conv_embed.conv.parametrizations.weight.original1")
+    old = {"wav2vec2." + k: t for k, t in sd.items()}
+    old["wav2vec2.encoder.pos_conv_embed.conv.weight_g"], old["wav2vec2.encoder.pos_conv_embed.conv.weight_v"] = g, v
+    old["lm_head.weight"] = torch.zeros(4, 32)
+    torch.save(old, d / "pytorch_model.bin", _use_new_zipfile_serialization=zipfile)
+    clips = _clips(2)
+    want = SSLEncoder(src).encode(clips)
+    enc = SSLEncoder(d)
+    assert enc.packed and enc._model is None
+    for x, y in zip(enc.encode(clips), want):
+        for a, b in zip(x, y):
+            assert np.abs(a - b).max() < 1e-6

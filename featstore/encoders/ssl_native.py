@@ -207,7 +207,12 @@ def read_weights(local_dir: Path) -> dict[str, torch.Tensor]:
         return load_file(str(st))
     pt = local_dir / "pytorch_model.bin"
     if pt.is_file():
-        return torch.load(str(pt), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(str(pt), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # torch's legacy (pre-zip) serialisation cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(str(pt), map_location="cpu", weights_only=True)
     raise NativeUnsupported("no single model.safetensors or pytorch_model.bin (sharded checkpoints go through transformers)")
 
 
