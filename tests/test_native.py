@@ -246,3 +246,23 @@ def test_pytorch_model_bin_with_old_names_and_formats(layouts, tmp_path, zipfile
     for x, y in zip(enc.encode(clips), want):
         for a, b in zip(x, y):
             assert np.abs(a - b).max() < 1e-6
+
+
+def test_cache_follows_replaced_weights(layouts):
+    """Weights assigned anew (``load_state_dict(assign=True)``) are new tensors: the rearranged
+    copies follow them, even if a new tensor lands where a freed one was."""
+    enc = SSLEncoder(layouts["wav2vec2"])
+    clips = _clips(2)
+    before = enc.encode(clips)
+    sd = {k: v.clone() * (1.5 if k.endswith("q_proj.weight") or "conv_layers.1" in k else 1.0)
+          for k, v in enc._net.state_dict().items()}
+    enc._net.load_state_dict(sd, assign=True)
+    for p in enc._net.parameters():
+        p.requires_grad_(False)
+    after = enc.encode(clips)
+    model = enc.model  # transformers' model of the same checkpoint, given the same new weights
+    model.load_state_dict(sd, strict=False)
+    for clip, per_layer in zip(clips, after):
+        for g, r in zip(per_layer, _hf_solo(enc, clip)):
+            assert np.abs(g - r).max() < 1e-5
+    assert np.abs(after[0][-1] - before[0][-1]).max() > 1e-3

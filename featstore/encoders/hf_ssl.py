@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from featstore.encoders.base import Encoder
-from featstore.encoders.ssl_native import (NativeUnsupported, RecipeInputs, _pos_conv_cropped, load_native,
+from featstore.encoders.ssl_native import (NativeUnsupported, RecipeInputs, _cached, _pos_conv_cropped, load_native,
                                            packed_forward, scratch, scratch_ok, unsupported_reason)
 
 
@@ -112,23 +112,11 @@ def gemm_cnn_supported(feature_encoder: nn.Module) -> bool:
     return True
 
 
-#: conv weights rearranged for the GEMM, per parameter and version (frozen weights: built once)
-_GEMM_WEIGHTS: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-
-
 def _gemm_weight(conv: nn.Conv1d) -> torch.Tensor:
     """``conv.weight`` ``(out, in, k)`` as the ``(k * in, out)`` matrix that multiplies a window of
-    ``k`` channels-last input rows laid end to end."""
+    ``k`` channels-last input rows laid end to end (frozen weights: built once, :func:`_cached`)."""
     w = conv.weight
-    if w.requires_grad:  # trainable: rebuilt each call (a fused optimizer step leaves _version unchanged)
-        return w.permute(2, 1, 0).reshape(-1, w.shape[0])
-    hit = _GEMM_WEIGHTS.get(id(w))
-    if hit is not None and hit[0] == w._version and hit[1] is w:
-        return hit[2]
-    with torch.no_grad():
-        m = w.detach().permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
-    _GEMM_WEIGHTS[id(w)] = (w._version, w, m)
-    return m
+    return _cached(conv, "gemm_w", lambda: w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous(), w)
 
 
 def _strided_conv_gemm(x: torch.Tensor, rows: int, k: int, s: int, wmat: torch.Tensor,
@@ -269,23 +257,6 @@ def _group_norm_folded_first_layer(patches: torch.Tensor, counts: Sequence[int],
     return torch.baddbmm(shift.to(patches.dtype)[:, None, :], patches, weff)
 
 
-def _frozen(key: str, build, *params: torch.Tensor) -> torch.Tensor:
-    """``build()`` cached per parameter set and version when no gradient is recorded for them
-    (extraction: frozen weights rearranged once); rebuilt, with autograd, otherwise."""
-    if any(p.requires_grad for p in params):  # trainable: rebuilt each call (see ssl_native._cached)
-        return build()
-    ident = (key,) + tuple(id(p) for p in params)
-    versions = tuple(p._version for p in params)
-    hit = _FROZEN.get(ident)
-    if hit is not None and hit[0] == versions and all(a is b for a, b in zip(hit[1], params)):
-        return hit[2]
-    with torch.no_grad():
-        value = build().detach()
-    _FROZEN[ident] = (versions, params, value)
-    return value
-
-
-_FROZEN: dict[tuple, tuple] = {}
 
 
 def pos_conv_croppable(module: nn.Module) -> bool:
@@ -317,9 +288,9 @@ def wavlm_attention_fast(attn: nn.Module, hidden_states: torch.Tensor, attention
     bias = gate * position_bias  # (B, H, T, T)
     if attention_mask is not None:
         bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
-    w = _frozen("qkv_w", lambda: torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+    w = _cached(attn, "qkv_w", lambda: torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                 attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-    b = _frozen("qkv_b", lambda: torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+    b = _cached(attn, "qkv_b", lambda: torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
                 attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
     q, k, v = nn.functional.linear(hidden_states, w, b).view(bsz, t, 3, h, d).permute(2, 0, 3, 1, 4)
     drop = attn.dropout if attn.training else 0.0

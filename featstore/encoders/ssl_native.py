@@ -280,13 +280,14 @@ def _cached(module: nn.Module, key: str, build, *params: torch.Tensor) -> torch.
     an optimizer may change them without a version bump (the fused AdamW kernel does)."""
     if any(p.requires_grad for p in params):
         return build() if torch.is_grad_enabled() else build().detach()
-    stamp = tuple((id(p), p._version) for p in params)
+    versions = tuple(p._version for p in params)
     hit = module.__dict__.get("_featstore_" + key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    # the very same tensors (held, so a new tensor cannot take a freed one's id) at the same versions
+    if hit is not None and hit[0] == versions and len(hit[1]) == len(params) and all(a is b for a, b in zip(hit[1], params)):
+        return hit[2]
     with torch.no_grad():
         value = build().detach()
-    module.__dict__["_featstore_" + key] = (stamp, value)
+    module.__dict__["_featstore_" + key] = (versions, params, value)
     return value
 
 
