@@ -266,3 +266,16 @@ def test_cache_follows_replaced_weights(layouts):
         for g, r in zip(per_layer, _hf_solo(enc, clip)):
             assert np.abs(g - r).max() < 1e-5
     assert np.abs(after[0][-1] - before[0][-1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("layers,products", [([0], 0), ([1], 4), ([0, 2], 8)])
+def test_layers_above_the_highest_asked_are_not_computed(layouts, monkeypatch, layers, products):
+    """Each transformer layer makes four products through ``_linear_into`` (q/k/v, output, two
+    feed-forward); with ``layers=[0]`` the packed forward computed layer 1 as well."""
+    import featstore.encoders.ssl_native as native
+
+    calls = []
+    real = native._linear_into
+    monkeypatch.setattr(native, "_linear_into", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    SSLEncoder(layouts["wav2vec2"], layers=layers).encode(_clips(2))
+    assert len(calls) == products
