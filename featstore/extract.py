@@ -718,8 +718,24 @@ def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequenc
     writer.set_attrs(padding_audit=audit)
 
 
+def _commit_writes_here(encoder: Encoder) -> bool:
+    """Whether the batch loop's own thread checksums and writes each batch (the CPU computes)."""
+    return str(getattr(encoder, "device", "cpu")) == "cpu"
+
+
 def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch, stop, lock):
-    """Encode and commit every planned batch that is not committed yet, in plan order."""
+    """Encode and commit every planned batch that is not committed yet, in plan order.
+
+    Three stages overlap: two threads decode batch ``n + 1`` while this one encodes batch ``n`` and
+    one more finishes the commit of batch ``n - 1`` (:meth:`StoreWriter.write_items`). On the CPU
+    that thread only waits for the disk (fsync, rename, directory fsync): the checksums and the
+    write are done here, between two encodes, as a third busy thread would slow the two that
+    compute; with an accelerator it does the whole commit. At most one commit is in flight and
+    each is waited for before the next begins, so batches are committed in plan order, one at a
+    time; ``on_batch(i)`` runs here once batch ``i`` is committed. When the run stops (SIGTERM,
+    Ctrl-C, an error) the commit in flight is finished first: every batch whose commit began is
+    kept.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     todo = [(bi, [j for j in b if not rows[j].status]) for bi, b in enumerate(writer.plan or [])]
@@ -731,49 +747,93 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
     n_items = sum(len(js) for _, js in todo)
     t_start = time.perf_counter()
     t_call = result.started_perf or t_start
-    timings = {"decode_wait": 0.0, "encode": 0.0, "write": 0.0}
+    timings = {"decode_wait": 0.0, "encode": 0.0, "write": 0.0, "sync": 0.0, "commit_wait": 0.0}
+    write_here = _commit_writes_here(encoder)
     stats_before = {k: float(v) for k, v in (getattr(encoder, "stats", None) or {}).items() if k.endswith("_seconds")}
     done_audio = 0.0
     pool = ThreadPoolExecutor(max_workers=2)
+    committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-commit")
+    pending: tuple[Any, int, int, float] | None = None  # (future, n, clips, audio seconds) of the commit in flight
 
     def decode(js):
         return list(pool.map(loader, [rows[j] for j in js]))
 
+    def commit(entries, key, stats, finish=None):
+        """In the commit thread: the whole commit, or its second half ``finish``; returns (write, sync) seconds."""
+        t = time.perf_counter()
+        if finish is None:
+            finish = writer.write_items(entries, key=key, stats=stats, finish_later=True)
+        t_sync = time.perf_counter()
+        finish()
+        lock.heartbeat()
+        return t_sync - t, time.perf_counter() - t_sync
+
+    def settle(bar, task):
+        """Wait for the commit in flight (its error is raised here), then report it."""
+        nonlocal pending, done_audio
+        if pending is None:
+            return
+        fut, n, count, audio = pending
+        pending = None
+        t_wait = time.perf_counter()
+        try:
+            write, sync = fut.result()
+            timings["write"] += write
+            timings["sync"] += sync
+        finally:
+            timings["commit_wait"] += time.perf_counter() - t_wait
+        result.processed += count
+        done_audio += audio
+        el = max(time.perf_counter() - t_start, 1e-9)
+        bar.update(task, advance=count, rate=f"{bar.tasks[0].completed / el:.1f} clips/s  {done_audio / el:.2f} audio s/s")
+        if on_batch:
+            on_batch(n)
+
     try:
         with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
             task = bar.add_task("extract", total=n_items, rate="")
-            future = pool.submit(decode, todo[0][1])
-            for n, (bi, js) in enumerate(todo):
-                if stop.signum is not None:  # SIGTERM before this batch started (e.g. during the audit)
-                    raise _Stopped
-                t_wait = time.perf_counter()
-                clips = future.result()
-                timings["decode_wait"] += time.perf_counter() - t_wait
-                if n == 0:
-                    timings["first_batch_unix"] = time.time()
-                    timings["first_batch_after_start"] = time.perf_counter() - t_call
-                future = pool.submit(decode, todo[n + 1][1]) if n + 1 < len(todo) else None
-                stats = getattr(encoder, "stats", None) or {}
-                padded_before = int(stats.get("padded_frames", 0))
-                t_enc = time.perf_counter()
-                entries = _encode_batch(encoder, rows, js, clips, layer_ids, result, loader.crop, writer.dtype)
-                t_write = time.perf_counter()
-                timings["encode"] += t_write - t_enc
-                frames = sum(0 if f is None else int(f[0].shape[0]) for _, _, f in entries)
-                padded = int((getattr(encoder, "stats", None) or {}).get("padded_frames", 0)) - padded_before
-                writer.write_items(entries, key=bi + 1, stats={"frames": frames, "padded_frames": padded})
-                timings["write"] += time.perf_counter() - t_write
-                lock.heartbeat()
-                result.processed += len(js)
-                done_audio += sum(len(c.samples) for c in clips if isinstance(c, Clip)) / encoder.sample_rate
-                el = max(time.perf_counter() - t_start, 1e-9)
-                bar.update(task, advance=len(js), rate=f"{bar.tasks[0].completed / el:.1f} clips/s  {done_audio / el:.2f} audio s/s")
-                if on_batch:
-                    on_batch(n)
+            try:
+                future = pool.submit(decode, todo[0][1])
+                for n, (bi, js) in enumerate(todo):
+                    if stop.signum is not None:  # SIGTERM during the last batch (or the audit)
+                        raise _Stopped
+                    t_wait = time.perf_counter()
+                    clips = future.result()
+                    timings["decode_wait"] += time.perf_counter() - t_wait
+                    if n == 0:
+                        timings["first_batch_unix"] = time.time()
+                        timings["first_batch_after_start"] = time.perf_counter() - t_call
+                    future = pool.submit(decode, todo[n + 1][1]) if n + 1 < len(todo) else None
+                    stats = getattr(encoder, "stats", None) or {}
+                    padded_before = int(stats.get("padded_frames", 0))
+                    t_enc = time.perf_counter()
+                    entries = _encode_batch(encoder, rows, js, clips, layer_ids, result, loader.crop, writer.dtype)
+                    timings["encode"] += time.perf_counter() - t_enc
+                    frames = sum(0 if f is None else int(f[0].shape[0]) for _, _, f in entries)
+                    padded = int((getattr(encoder, "stats", None) or {}).get("padded_frames", 0)) - padded_before
+                    settle(bar, task)  # batch n - 1
+                    audio = sum(len(c.samples) for c in clips if isinstance(c, Clip)) / encoder.sample_rate
+                    stats = {"frames": frames, "padded_frames": padded}
+                    finish = None
+                    if write_here:
+                        t_write = time.perf_counter()
+                        finish = writer.write_items(entries, key=bi + 1, stats=stats, finish_later=True)
+                        timings["write"] += time.perf_counter() - t_write
+                    pending = (committer.submit(commit, entries, bi + 1, stats, finish), n, len(js), audio)
+                    del clips, entries
+                settle(bar, task)
                 if stop.signum is not None:
                     raise _Stopped
+            except BaseException:
+                if pending is not None:  # keep the batch being committed; an error of its own gives way
+                    try:
+                        settle(bar, task)
+                    except BaseException:  # noqa: BLE001
+                        pass
+                raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        committer.shutdown(wait=True)  # nothing is written once this call returns
         result.audio_seconds += done_audio
         timings["batch_loop"] = time.perf_counter() - t_start
         for key in ("cnn_seconds", "transformer_seconds"):  # the encoder's own split, where it keeps one

@@ -18,7 +18,9 @@ HDF5 file, so a kill at any instant cannot leave a half-updated HDF5 structure b
 * ``attrs.json`` — attributes set later (e.g. the padding audit), replaced the same way;
 * ``bNNNNNNNN.batch`` — one committed batch each: every layer's frames of its rows as one block
   per layer (sha256 per block) and the rows' fields, written to a temporary name, fsynced and
-  atomically renamed. A batch is committed exactly when its file exists under its final name;
+  atomically renamed (``write_items(..., finish_later=True)``: the fsync and rename are returned as
+  a function for another thread). A batch is committed exactly when its file exists under its
+  final name;
 * finishing builds the HDF5 file inside the directory with one sequential write per layer and
   batch (no per-item HDF5 writes), fsyncs it, moves it to ``<path>`` with ``os.replace`` (atomic)
   and removes the directory.
@@ -199,6 +201,13 @@ def _fsync_dir(directory: Path) -> None:
 
 def _atomic_write(path: Path, parts: Iterable[Any], prefix: str, durable: bool) -> None:
     """Write ``parts`` to a temporary name, fsync, rename to ``path``, fsync the directory."""
+    _write_then_finish(path, parts, prefix, durable)()
+
+
+def _write_then_finish(path: Path, parts: Iterable[Any], prefix: str, durable: bool) -> Callable[[], None]:
+    """The first half of :func:`_atomic_write` (``parts`` to a temporary name); returns the second
+    (fsync, rename to ``path``, fsync the directory), which must be called once, from any thread.
+    Until it has run, nothing under ``path`` exists: a crash in between loses the file, whole."""
     tmp = path.with_name(f"{_TMP}{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -206,16 +215,24 @@ def _atomic_write(path: Path, parts: Iterable[Any], prefix: str, durable: bool) 
         for part in parts:
             _write_all(fd, part)
             _step(f"{prefix}:part")
-        if durable:
-            os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    _step(f"{prefix}:synced")
-    os.replace(tmp, path)
-    _step(f"{prefix}:renamed")
-    if durable:
-        _fsync_dir(path.parent)
-    _step(f"{prefix}:committed")
+        raise
+
+    def finish() -> None:
+        try:
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        _step(f"{prefix}:synced")
+        os.replace(tmp, path)
+        _step(f"{prefix}:renamed")
+        if durable:
+            _fsync_dir(path.parent)
+        _step(f"{prefix}:committed")
+
+    return finish
 
 
 def _record_bytes(kind: str, obj: Any) -> bytes:
@@ -339,6 +356,7 @@ class StoreWriter:
         self.durable = durable
         self.extra_attrs: dict[str, Any] = {}
         self.batches: dict[int, _Batch] = {}
+        self._unfinished: int | None = None  # the batch written with finish_later, not yet finished
         #: batch files found damaged (and deleted) when the run was opened: ``(name, reason)``
         self.dropped: list[tuple[str, str]] = []
         #: ``attrs.json`` was unreadable and ignored (its reason), or ``None``
@@ -502,13 +520,20 @@ class StoreWriter:
 
     # -- writing ---------------------------------------------------------------------------
     def write_items(self, results: Sequence[tuple[int, Mapping[str, Any], Sequence[np.ndarray] | None]],
-                    key: int | None = None, stats: Mapping[str, Any] | None = None) -> int:
+                    key: int | None = None, stats: Mapping[str, Any] | None = None,
+                    finish_later: bool = False) -> Any:
         """Commit a batch atomically: each entry is ``(row, fields, layers)``; returns its key.
 
         ``layers`` is a list with one ``(num_frames, dim_k)`` array per layer, or ``None`` for a
         failed item (0 frames). ``fields`` sets ``items/`` columns (status, error, note, ...).
         ``key`` orders the batches in the finished store (default: after the last one).
+        ``finish_later``: checksum and write the batch file here, and return instead a function
+        that finishes the commit (fsync, rename, directory fsync; it returns the key) and may be
+        called from another thread: the wait for the disk can overlap other work. No other
+        commit may begin before it has run.
         """
+        if self._unfinished is not None:
+            raise RuntimeError(f"the commit of batch {self._unfinished} is not finished")
         key = max(self.batches, default=-1) + 1 if key is None else int(key)
         if key < 0 or key in self.batches:
             raise ValueError(f"batch {key} is already committed" if key >= 0 else "batch keys are >= 0")
@@ -562,9 +587,18 @@ class StoreWriter:
             yield body + _TAIL.pack(hashlib.sha256(body).digest(), len(body), _MAGIC)
 
         name = self.dir / f"b{key:08d}.batch"
-        _atomic_write(name, parts(), "batch", self.durable)
-        self._add(key, name, _loads(_dumps(header)))
-        return key
+        finish = _write_then_finish(name, parts(), "batch", self.durable)
+        self._unfinished = key
+
+        def done() -> int:
+            try:
+                finish()
+                self._add(key, name, _loads(_dumps(header)))
+            finally:
+                self._unfinished = None
+            return key
+
+        return done if finish_later else done()
 
     def _verify(self, f: Path) -> tuple[int, dict]:
         """Check a batch file fully; its key and header, or ``ValueError`` saying what is wrong."""

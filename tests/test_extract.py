@@ -292,3 +292,27 @@ def test_finished_store_is_not_redone(tiny_models, clip_set, tmp_path):
     extract(clip_set, str(tiny_models["wavlm"]), out, progress=False)
     again = extract(clip_set, str(tiny_models["wavlm"]), out, progress=False)
     assert again.already_done
+
+
+def _held_outputs_survive_the_next_encode(enc, seed: int = 0) -> None:
+    """Extraction commits batch n while batch n + 1 is encoded: what ``encode`` returned must not be
+    memory that the next call reuses (scratch buffers, cached tensors)."""
+    rng = np.random.default_rng(seed)
+    first = enc.encode([(0.1 * rng.normal(size=n)).astype(np.float32) for n in (2400, 3100, 1700)])
+    kept = [[np.array(f, copy=True) for f in clip] for clip in first]
+    enc.encode([(0.1 * rng.normal(size=n)).astype(np.float32) for n in (3100, 2400, 4000, 1700)])
+    for clip, copy in zip(first, kept):
+        for f, c in zip(clip, copy):
+            assert f.tobytes() == c.tobytes()
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "wav2vec2", "hubert", "data2vec-audio"])
+def test_ssl_outputs_are_not_reused_by_the_next_encode(tiny_models, kind):
+    _held_outputs_survive_the_next_encode(SSLEncoder(tiny_models[kind]))
+
+
+@pytest.mark.parametrize("name", ["logmel", "mfcc", "spectral"])
+def test_front_end_outputs_are_not_reused_by_the_next_encode(name):
+    from featstore.encoders.registry import load_encoder
+
+    _held_outputs_survive_the_next_encode(load_encoder(name))

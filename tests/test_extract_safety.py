@@ -183,12 +183,66 @@ def test_sigterm_stops_at_a_batch_boundary(wavlm, clip_set, audited_reference, t
     assert r.exit_code == 130, r.output
     assert "stopped by SIGTERM after the batch in flight" in r.output and "run the same command again" in r.output
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was restored
-    assert len(list(partial_path(out).glob("b*.batch"))) == 1
+    # batch 1 was already encoded when batch 0's commit ended: it is committed too, nothing further
+    assert len(list(partial_path(out).glob("b*.batch"))) == 2
     monkeypatch.setattr(fx, "extract", real)
     r = runner.invoke(app, ["extract", "--manifest", str(clip_set), "--model", wavlm, "--out", str(out),
                             "--batch-seconds", str(BATCH_SECONDS)])
     assert r.exit_code == 0, r.output
     assert_same_store(audited_reference, out)
+
+
+@pytest.mark.parametrize("write_here", [True, False], ids=["cpu", "accelerator"])
+def test_a_batch_is_committed_while_the_next_one_is_encoded(wavlm, clip_set, reference, tmp_path, monkeypatch,
+                                                            write_here):
+    """The wait for the disk (fsync) of batch n's commit runs beside the encode of batch n + 1 (with
+    an accelerator, the checksums and the write too), one commit at a time, in plan order, and
+    every batch is committed before extract() returns."""
+    import threading
+    import time
+
+    events = []
+    real_fsync, real_write, real_encode = os.fsync, fx.StoreWriter.write_items, fx._encode_batch
+
+    def thread():
+        return threading.current_thread().name
+
+    def slow_fsync(fd):
+        events.append(("sync start", thread()))
+        time.sleep(0.3)  # a slow disk
+        real_fsync(fd)
+        events.append(("sync end", thread()))
+
+    def write(self, *args, **kwargs):
+        events.append(("write", thread()))
+        return real_write(self, *args, **kwargs)
+
+    def encode(*args, **kwargs):
+        events.append(("encode", thread()))
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(fx, "_commit_writes_here", lambda encoder: write_here)
+    monkeypatch.setattr(fx.StoreWriter, "write_items", write)
+    monkeypatch.setattr(fx, "_encode_batch", encode)
+    committed = []
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", slow_fsync)
+        res = extract(clip_set, wavlm, tmp_path / "o.h5", batch_seconds=BATCH_SECONDS, progress=False,
+                      audit_clips=0, on_batch=lambda i: committed.append(i))
+    assert res.ok == N_CLIPS
+    n = [k for k, _ in events].count("encode")
+    assert n >= 3 and committed == list(range(n))  # on_batch(i) once batch i is committed, in order
+    writes = [name for k, name in events if k == "write"]
+    assert writes == (["MainThread"] if write_here else ["featstore-commit_0"]) * n
+    # batch n's commit waits for its fsync in the commit thread, and batch n + 1's encode begins
+    # before that wait is over; the next write only after it
+    ends = [i for i, ev in enumerate(events) if ev == ("sync end", "featstore-commit_0")]
+    at = [i for i, (k, _) in enumerate(events) if k == "write"]
+    enc = [i for i, (k, _) in enumerate(events) if k == "encode"]
+    for b in range(n - 1):
+        first_sync_end = min(i for i in ends if i > at[b])
+        assert enc[b + 1] < first_sync_end < at[b + 1], b
+    assert_same_store(reference, res.path)
 
 
 def test_resume_keeps_the_recorded_batch_plan(wavlm, clip_set, reference, tmp_path):

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -39,8 +40,10 @@ def _data():
     return rows, frames, attrs
 
 
-def write_store(out: Path) -> int:
-    """Write (or resume) the small store; returns the number of batches this call committed."""
+def write_store(out: Path, split: bool = False) -> int:
+    """Write (or resume) the small store; returns the number of batches this call committed.
+    ``split``: each commit as `featstore extract` makes it on the CPU, written here and finished
+    (fsync, rename) in another thread."""
     rows, frames, attrs = _data()
     if out.exists():
         st.discard_partial(out)
@@ -56,8 +59,12 @@ def write_store(out: Path) -> int:
     wrote = 0
     for key, batch in enumerate(w.plan):
         if not w.committed(key):
-            w.write_items([(j, {"status": "too_short", "error": "short"} if j == 4 else {"note": f"n{j}"},
-                            None if j == 4 else frames[j]) for j in batch], key=key)
+            done = w.write_items([(j, {"status": "too_short", "error": "short"} if j == 4 else {"note": f"n{j}"},
+                                   None if j == 4 else frames[j]) for j in batch], key=key, finish_later=split)
+            if split:
+                t = threading.Thread(target=done)
+                t.start()
+                t.join()
             wrote += 1
     w.finalize()
     return wrote
@@ -124,6 +131,36 @@ def test_kill_at_every_step_then_resume_is_identical(reference, tmp_path, step, 
     # committed work is not redone: only the batches missing at the kill were written again
     if not step.startswith("final:"):
         assert wrote == len(PLAN) - committed
+
+
+SPLIT_POINTS = [(s, n) for s in st.STEPS if s.startswith("batch:") for n in (1, 2)]
+
+
+@pytest.mark.parametrize("step, nth", SPLIT_POINTS, ids=[f"{s}#{n}" for s, n in SPLIT_POINTS])
+def test_kill_at_every_step_of_a_commit_finished_in_another_thread(reference, tmp_path, step, nth):
+    out = tmp_path / "s.h5"
+    sig, _ = in_child(write_store, out, True, env={st.FAULT_ENV: f"{step}:{nth}"})
+    assert sig == signal.SIGKILL, f"not killed at {step}#{nth}"
+    committed = committed_files(out)
+    if step != "batch:part":  # (several parts a batch)
+        assert committed == nth - 1 + (step in ("batch:renamed", "batch:committed"))
+    sig, wrote = in_child(write_store, out, True)
+    assert sig == 0, wrote
+    assert compare_stores(reference, out, ignore_attrs=("created_at",)) == []
+    assert check_store(out) == [] and wrote == len(PLAN) - committed
+
+
+def test_a_commit_finished_later_is_invisible_until_finished(tmp_path):
+    rows, frames, attrs = _data()
+    out = tmp_path / "s.h5"
+    w = StoreWriter.create(out, rows, attrs, DIMS, extra_columns=["sex"], plan=PLAN)
+    finish = w.write_items([(j, {}, frames[j]) for j in PLAN[0]], key=0, finish_later=True)
+    assert not w.committed(0) and committed_files(out) == 0
+    with pytest.raises(RuntimeError, match="the commit of batch 0 is not finished"):
+        w.write_items([(j, {}, frames[j]) for j in PLAN[1]], key=1)
+    assert finish() == 0
+    assert w.committed(0) and committed_files(out) == 1
+    assert w.write_items([(j, {}, frames[j]) for j in PLAN[1]], key=1) == 1
 
 
 @pytest.mark.parametrize("first, second", [("batch:synced:2", "batch:renamed:1"), ("batch:committed:1", "final:layer:1"),

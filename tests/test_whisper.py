@@ -246,3 +246,9 @@ def test_stats_count_window_padding(enc_ctx):
     assert enc_ctx.stats["clips"] - before["clips"] == 2
     assert enc_ctx.stats["frames"] - before["frames"] == 8 + 13
     assert enc_ctx.stats["padded_frames"] - before["padded_frames"] == 2 * 50 - 21
+
+
+def test_outputs_are_not_reused_by_the_next_encode(enc):
+    from tests.test_extract import _held_outputs_survive_the_next_encode
+
+    _held_outputs_survive_the_next_encode(enc)
