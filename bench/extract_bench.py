@@ -14,7 +14,9 @@ as separate processes, from the shell:
 It prints true-audio seconds per second of both, their ratio, featstore's time to first batch
 (process start to the first batch's encode) and where the rest went, the model's FLOPs counted from
 its config (CNN and transformer separately, each clip alone, no padding) and the achieved GFLOP/s
-of the batch loop as a fraction of the matrix-product rate, the max abs difference to solo runs,
+of the batch loop as a fraction of the matrix-product rate (and, robust to the host's drift, the
+encode of one batch paired round by round with the products for as long, in this process), the
+max abs difference to solo runs,
 and Whisper full-window clips/s with its FLOPs per window (``--whisper DIR``; default the shared
 tiny.en when present). Load averages beside every figure: compare ratios within one run.
 
@@ -181,6 +183,42 @@ def whisper_throughput(model_dir: Path, n: int, repeats: int = 2) -> tuple[float
     return n / best, whisper_flops(cfg), whisper_flops(cfg, keep), enc.positions
 
 
+def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: int = 5,
+                      batch_seconds: float = 60.0) -> tuple[list[tuple[float, float]], float]:
+    """The encode's compute rate against the matrix product's, paired so that the host's drift
+    (its speed moves by tens of % within minutes) cancels: in this process, ``rounds`` times one
+    ``batch_seconds`` batch of clips drawn from ``lengths`` (the encode extraction runs, CNN and
+    packed transformer), then back-to-back 2048^2 products for as long. Returns
+    ``(encode GFLOP/s, matmul GFLOP/s)`` per round and the batch's audio seconds."""
+    import torch
+
+    from featstore.encoders.hf_ssl import SSLEncoder
+
+    enc = SSLEncoder(model_dir)
+    rng = np.random.default_rng(3)
+    picked, total = [], 0
+    for k in rng.permutation(lengths):
+        if total + k > batch_seconds * 16000:
+            break
+        picked.append(int(k))
+        total += int(k)
+    clips = [(0.05 * rng.normal(size=k)).astype(np.float32) for k in picked]
+    fl = float(np.array([ssl_flops(cfg, len(c)) for c in clips]).sum())
+    enc.encode(clips)  # warm-up: scratch buffers, cached weights
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        enc.encode(clips)
+        dt = time.perf_counter() - t
+        done, t = 0, time.perf_counter()
+        while time.perf_counter() - t < dt:
+            a @ b
+            done += 1
+        out.append((fl / dt / 1e9, done * 2.0 * 2048 ** 3 / (time.perf_counter() - t) / 1e9))
+    return out, total / 16000
+
+
 def cpu_time_check(model_dir: Path, lengths: list[int], cfg: dict, n: int = 150) -> tuple[float, float, float, float]:
     """Load-robust cross-check, in this process on one thread: achieved GFLOP/s of the CNN, the
     transformer and the whole encode of one typical batch (the ``n`` clips of median length), in
@@ -319,6 +357,12 @@ def main() -> None:
         print(f"  CNN {tim['cnn']:.1f} s: {rate(flops[0], tim['cnn']):.0f} GFLOP/s ({100 * rate(flops[0], tim['cnn']) / mm:.0f} %); "
               f"transformer {tim['transformer']:.1f} s: {rate(flops[1], tim['transformer']):.0f} GFLOP/s "
               f"({100 * rate(flops[1], tim['transformer']) / mm:.0f} %)")
+    pairs, batch_s = paired_efficiency(model_dir, lengths, cfg, batch_seconds=args.batch_seconds)
+    ratios = [e / m for e, m in pairs]
+    print(f"paired, in this process: one batch of {batch_s:.1f} s of audio encoded, then 2048^2 products for as long, "
+          f"{len(pairs)} rounds: encode {', '.join(f'{e:.0f}' for e, _ in pairs)} GFLOP/s vs matmul "
+          f"{', '.join(f'{m:.0f}' for _, m in pairs)} -> median {100 * float(np.median(ratios)):.0f} % of the matmul "
+          f"({100 * min(ratios):.0f}-{100 * max(ratios):.0f} %; {load_text()})")
     cnn_r, tf_r, all_r, mm1 = cpu_time_check(model_dir, lengths, cfg)
     print(f"cross-check in CPU time, one thread, one batch of 150 median clips: CNN {cnn_r:.0f}, transformer "
           f"{tf_r:.0f}, whole encode {all_r:.0f} GFLOP/s = {100 * all_r / mm1:.0f} % of the one-thread matmul "
