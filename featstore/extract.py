@@ -3,8 +3,9 @@
 Crash-safe and resumable: the batch plan is fixed when a run starts and recorded in its batch
 directory ``<out>.partial/``; every batch is committed atomically as its own file
 (:class:`featstore.store.StoreWriter`), so after a kill at any instant running the same command
-again redoes at most the batch that was in flight and gives a store equal to an uninterrupted run,
-bit for bit. SIGTERM stops at the next batch boundary. A finished store is reused only when its
+again redoes at most the two batches in flight (the one being encoded and the one whose commit had
+not finished) and gives a store equal to an uninterrupted run, bit for bit. SIGTERM stops once the
+batch being encoded is committed. A finished store is reused only when its
 identity (encoder, manifest content, settings) equals the run's. One writer per store
 (:class:`featstore.writelock.WriterLock`). Bad input becomes a per-item status and never stops
 the run.
@@ -227,7 +228,7 @@ class _Stopped(Exception):
 
 class _StopSignal:
     """While active (main thread only), SIGTERM sets :attr:`signum` instead of killing the
-    process, so the batch loop stops cleanly after the batch in flight; the old handler is
+    process, so the batch loop stops cleanly once the batch being encoded is committed; the old handler is
     restored afterwards."""
 
     def __init__(self) -> None:
