@@ -814,13 +814,13 @@ def _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, con
                     padded = int((getattr(encoder, "stats", None) or {}).get("padded_frames", 0)) - padded_before
                     settle(bar, task)  # batch n - 1
                     audio = sum(len(c.samples) for c in clips if isinstance(c, Clip)) / encoder.sample_rate
-                    stats = {"frames": frames, "padded_frames": padded}
+                    batch_stats = {"frames": frames, "padded_frames": padded}
                     finish = None
                     if write_here:
                         t_write = time.perf_counter()
-                        finish = writer.write_items(entries, key=bi + 1, stats=stats, finish_later=True)
+                        finish = writer.write_items(entries, key=bi + 1, stats=batch_stats, finish_later=True)
                         timings["write"] += time.perf_counter() - t_write
-                    pending = (committer.submit(commit, entries, bi + 1, stats, finish), n, len(js), audio)
+                    pending = (committer.submit(commit, entries, bi + 1, batch_stats, finish), n, len(js), audio)
                     del clips, entries
                 settle(bar, task)
                 if stop.signum is not None:
