@@ -190,8 +190,6 @@ def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: in
     ``batch_seconds`` batch of clips drawn from ``lengths`` (the encode extraction runs, CNN and
     packed transformer), then back-to-back 2048^2 products for as long. Returns
     ``(encode GFLOP/s, matmul GFLOP/s)`` per round and the batch's audio seconds."""
-    import torch
-
     from featstore.encoders.hf_ssl import SSLEncoder
 
     enc = SSLEncoder(model_dir)
@@ -205,17 +203,12 @@ def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: in
     clips = [(0.05 * rng.normal(size=k)).astype(np.float32) for k in picked]
     fl = float(np.array([ssl_flops(cfg, len(c)) for c in clips]).sum())
     enc.encode(clips)  # warm-up: scratch buffers, cached weights
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     out = []
     for _ in range(rounds):
         t = time.perf_counter()
         enc.encode(clips)
         dt = time.perf_counter() - t
-        done, t = 0, time.perf_counter()
-        while time.perf_counter() - t < dt:
-            a @ b
-            done += 1
-        out.append((fl / dt / 1e9, done * 2.0 * 2048 ** 3 / (time.perf_counter() - t) / 1e9))
+        out.append((fl / dt / 1e9, sustained_matmul_rate(dt)))
     return out, total / 16000
 
 
