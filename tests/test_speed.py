@@ -191,3 +191,72 @@ def test_extraction_records_where_the_time_went(tiny_models, clip_set, tmp_path)
     assert 0 < tim["cnn"] + tim["transformer"] <= tim["encode"] <= tim["batch_loop"] < res.wall_seconds
     assert tim["write"] > 0 and tim["decode_wait"] >= 0 and tim["audit"] > 0
     assert res.timings["finalize"] > 0
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "wav2vec2"])
+def test_a_cpu_batch_runs_as_single_thread_lanes_with_each_clips_solo_frames(tiny_models, kind, monkeypatch):
+    """With 2 torch threads a float32 CPU batch is split into 2 lanes of equal samples that run at
+    once on worker threads, one torch thread each; every clip's frames equal its solo run, the
+    stats count the batch once, and the caller's thread count is restored."""
+    import threading
+
+    enc = SSLEncoder(tiny_models[kind])
+    enc.lane_min_seconds = 0.1
+    rng = np.random.default_rng(11)
+    clips = [(0.1 * rng.normal(size=n)).astype(np.float32) for n in sorted(SIZES * 2)]
+    seen = []
+    inner = enc._packed
+
+    def spy(waves, *a, **k):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), len(waves)))
+        return inner(waves, *a, **k)
+
+    monkeypatch.setattr(enc, "_packed", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = dict(enc.stats)
+        batched = enc.encode(clips)
+        lanes = list(seen)
+        assert torch.get_num_threads() == 2
+        assert enc.stats["batches"] == before["batches"] + 1
+        assert enc.stats["frames"] - before["frames"] == sum(enc.num_frames(len(c)) for c in clips)
+        torch.set_num_threads(1)  # one thread: one lane, in the caller's thread
+        seen.clear()
+        solo = [enc.encode([c])[0] for c in clips]
+        assert all(name == threading.current_thread().name for name, _, _ in seen)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(lanes) == 2 and len({name for name, _, _ in lanes}) == 2
+    assert all(name.startswith("featstore-lane") and n == 1 for name, n, _ in lanes)
+    assert sorted(k for _, _, k in lanes) == [len(clips) // 2] * 2  # the sizes come in pairs
+    assert [len(f) for f in batched] == [len(s) for s in solo]
+    worst = max(float(np.abs(a - b).max()) for f, s in zip(batched, solo) for a, b in zip(f, s))
+    assert [a.shape for f in batched for a in f] == [b.shape for s in solo for b in s]
+    assert worst <= 1e-4
+
+
+def test_lanes_split_a_batch_by_samples_and_fall_back_to_one_call_when_they_cannot_balance(tiny_models):
+    """The lanes get equal shares of the samples, not of the clips (a clip as long as two others
+    gets a lane to itself); a batch no split can balance within ``lane_imbalance`` runs as one
+    call; so does a batch under ``lane_min_seconds`` per lane, a one-thread run, and ``cpu_lanes=1``."""
+    enc = SSLEncoder(tiny_models["wavlm"])
+    enc.lane_min_seconds = 0.1
+    waves = lambda *n: [torch.zeros(k) for k in n]  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert enc._lane_parts(waves(4000, 4000, 8000)) == [[2], [0, 1]]
+        assert sorted(map(len, enc._lane_parts(waves(3000, 3000, 3000, 3000)))) == [2, 2]
+        assert enc._lane_parts(waves(4000, 4000, 4000)) == [[0, 1, 2]]  # 2:1 is 33 % above an equal share
+        enc.lane_imbalance = 0.40
+        assert sorted(map(len, enc._lane_parts(waves(4000, 4000, 4000)))) == [1, 2]
+        enc.lane_imbalance = 0.10
+        assert enc._lane_parts(waves(1000, 1000)) == [[0, 1]]  # 0.0625 s per lane < 0.1 s
+        enc.cpu_lanes = 1
+        assert enc._lane_parts(waves(4000, 4000, 8000)) == [[0, 1, 2]]
+        enc.cpu_lanes = None
+        torch.set_num_threads(1)
+        assert enc._lane_parts(waves(4000, 4000, 8000)) == [[0, 1, 2]]
+    finally:
+        torch.set_num_threads(threads)

@@ -11,8 +11,10 @@ the model returns.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -86,6 +88,21 @@ def masked_group_norm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tens
     counts = [int(t) for t in lengths.clamp(min=0).tolist()]
     valid = torch.arange(h.shape[-1], device=device)[None] < lengths[:, None]
     return h * valid[:, None].to(h.dtype), counts
+
+
+_LANE_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LANE_POOLS_LOCK = threading.Lock()
+
+
+def _lane_pool(lanes: int) -> ThreadPoolExecutor:
+    """The process's persistent pool of ``lanes`` worker threads for :meth:`SSLEncoder._packed_lanes`
+    (persistent: their :func:`~featstore.encoders.ssl_native.scratch` buffers, kept per thread,
+    are reused from batch to batch)."""
+    with _LANE_POOLS_LOCK:
+        pool = _LANE_POOLS.get(lanes)
+        if pool is None:
+            pool = _LANE_POOLS[lanes] = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="featstore-lane")
+        return pool
 
 
 def gemm_cnn_supported(feature_encoder: nn.Module) -> bool:
@@ -587,17 +604,80 @@ class SSLEncoder(Encoder):
                 return out
         return self._encode(clips)
 
+    #: CPU lanes per batch (``None``: one per torch thread); see :meth:`_lanes`
+    cpu_lanes: int | None = None
+    #: audio seconds a lane must get at least (smaller batches run as one lane)
+    lane_min_seconds = 2.0
+    #: the most a lane may hold above an equal share of the batch's samples (else fewer lanes)
+    lane_imbalance = 0.10
+
+    def _lane_parts(self, waves: Sequence[torch.Tensor]) -> list[list[int]]:
+        """The batch's clips split into lanes for :meth:`_packed_lanes` (a list of clip indices
+        per lane, each in batch order; one part: run as one call). On the CPU in float32 with
+        ``n >= 2`` torch threads (or :attr:`cpu_lanes`), up to ``n`` lanes of one thread each: the
+        clips go longest first to the lane with the fewest samples so far, with the most lanes
+        for which each lane has at least :attr:`lane_min_seconds` of audio and none holds more
+        than :attr:`lane_imbalance` above an equal share (three equal clips on two threads run as
+        one call: a 2:1 split would wait on the longer lane). Measured on two cores, a 61.6-s
+        batch of 400 short clips, 10 interleaved rounds: two lanes encode it a median 1.08x
+        faster than one call on two threads (0.98-1.33x), and with a third of the spread."""
+        one = [list(range(len(waves)))]
+        if str(self.device) != "cpu" or self.amp not in (None, "", "fp32"):
+            return one
+        n = torch.get_num_threads() if self.cpu_lanes is None else int(self.cpu_lanes)
+        sizes = [int(w.shape[-1]) for w in waves]
+        total = sum(sizes)
+        n = min(n, len(waves), int(total / self.sample_rate // self.lane_min_seconds))
+        for lanes in range(n, 1, -1):
+            load = [0] * lanes
+            parts: list[list[int]] = [[] for _ in range(lanes)]
+            for i in sorted(range(len(waves)), key=lambda i: -sizes[i]):
+                j = min(range(lanes), key=load.__getitem__)
+                parts[j].append(i)
+                load[j] += sizes[i]
+            if max(load) <= (1 + self.lane_imbalance) * total / lanes:
+                return [sorted(p) for p in parts]
+        return one
+
+    def _packed_lanes(self, waves: Sequence[torch.Tensor], parts: list[list[int]]) -> list[list[np.ndarray]]:
+        """:meth:`_packed` of each part of the batch (:meth:`_lane_parts`), run at once on worker
+        threads with one torch thread each; each clip's frames are its own either way
+        (padding-exact per clip). The CNN and transformer seconds added to :attr:`stats` are the
+        lanes' mean (wall time while they run together); frames and batches count the batch once."""
+        lanes = len(parts)
+        lane_stats = [{"cnn_seconds": 0.0, "transformer_seconds": 0.0, "frames": 0, "batches": 0} for _ in parts]
+
+        def run(j: int) -> list[list[np.ndarray]]:
+            torch.set_num_threads(1)  # this worker's torch (and BLAS) threads
+            return self._packed([waves[i] for i in parts[j]], stats=lane_stats[j])
+
+        threads = torch.get_num_threads()
+        try:
+            results = list(_lane_pool(lanes).map(run, range(lanes)))
+        finally:
+            torch.set_num_threads(threads)  # BLAS thread counts can be process-wide: set this thread's back
+        out: list[list[np.ndarray]] = [[] for _ in waves]
+        for idx, res in zip(parts, results):
+            for i, frames in zip(idx, res):
+                out[i] = frames
+        for key in ("cnn_seconds", "transformer_seconds"):
+            self.stats[key] += sum(st[key] for st in lane_stats) / lanes
+        self.stats["frames"] += sum(st["frames"] for st in lane_stats)
+        self.stats["batches"] += 1
+        return out
+
     def _encode(self, clips: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
         if self.packed:
             waves = [torch.from_numpy(self.preprocess(c)).to(self.device) for c in clips]
-            return self._packed(waves)
+            parts = self._lane_parts(waves)
+            return self._packed_lanes(waves, parts) if len(parts) > 1 else self._packed(waves)
         hs, lengths = self.hidden_states(clips)
         stacked = torch.stack([hs[k] for k in self.layer_ids]).float().cpu().numpy()  # (L, B, T, D)
         return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(lengths)]
 
     @torch.inference_mode()
     def _packed(self, waves: Sequence[torch.Tensor], valid: Sequence[int] | None = None,
-                count: bool = True) -> list[list[np.ndarray]]:
+                count: bool = True, stats: dict[str, Any] | None = None) -> list[list[np.ndarray]]:
         """Each wave's selected layers ``(frames, D)`` through the CNN and :func:`packed_forward`
         (``valid``: real frames per wave, the padded recipe's mask; ``count``: add the frames and
         the batch to :attr:`stats`)."""
@@ -616,11 +696,12 @@ class SSLEncoder(Encoder):
                                              None if valid is None else [valid[i] for i in live])
             arr = hidden.float().cpu().numpy()
         counts = [int(f.shape[-1]) for f in feats]
-        self.stats["cnn_seconds"] += t1 - t0
-        self.stats["transformer_seconds"] += time.perf_counter() - t1
+        stats = self.stats if stats is None else stats
+        stats["cnn_seconds"] += t1 - t0
+        stats["transformer_seconds"] += time.perf_counter() - t1
         if count:
-            self.stats["frames"] += sum(counts)
-            self.stats["batches"] += 1
+            stats["frames"] += sum(counts)
+            stats["batches"] += 1
         for i, o, t in zip(live, offsets, counts):
             out[i] = [arr[k, o : o + t] for k in range(nl)]
         return out

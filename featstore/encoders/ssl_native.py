@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -303,8 +304,9 @@ def scratch(owner: nn.Module, name: str, rows: int, cols: int, like: torch.Tenso
     (grown when too small). A fresh tensor above glibc's 32-MB mmap ceiling is new memory every
     time, and its first write page-faults (~25 ms per 34 MB here, a fifth of the transformer's time
     in ``bench/extract_bench.py`` profiles); a reused one is already mapped. Only for
-    intermediates: never return one (the next call overwrites it)."""
-    pool = owner.__dict__.setdefault("_featstore_scratch", {})
+    intermediates: never return one (the next call overwrites it). Kept per thread (concurrent
+    lanes of one model, ``SSLEncoder._packed_lanes``, each have their own)."""
+    pool = owner.__dict__.setdefault("_featstore_scratch", {}).setdefault(threading.get_ident(), {})
     need = rows * cols
     buf = pool.get(name)
     if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
