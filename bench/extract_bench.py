@@ -15,8 +15,9 @@ It prints true-audio seconds per second of both, their ratio, featstore's time t
 (process start to the first batch's encode) and where the rest went, the model's FLOPs counted from
 its config (CNN and transformer separately, each clip alone, no padding) and the achieved GFLOP/s
 of the batch loop as a fraction of the matrix-product rate (and, robust to the host's drift, the
-encode of one batch paired round by round with the products for as long, in this process), the
-max abs difference to solo runs,
+encode of one batch paired round by round with the products for as long, in this process, with
+the A/B of the single-thread lanes against one call on all threads), the max abs difference to
+solo runs,
 and Whisper full-window clips/s with its FLOPs per window (``--whisper DIR``; default the shared
 tiny.en when present). Load averages beside every figure: compare ratios within one run.
 
@@ -184,12 +185,15 @@ def whisper_throughput(model_dir: Path, n: int, repeats: int = 2) -> tuple[float
 
 
 def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: int = 5,
-                      batch_seconds: float = 60.0) -> tuple[list[tuple[float, float]], float]:
+                      batch_seconds: float = 60.0) -> tuple[list[tuple[float, float]], float, list[float]]:
     """The encode's compute rate against the matrix product's, paired so that the host's drift
     (its speed moves by tens of % within minutes) cancels: in this process, ``rounds`` times one
     ``batch_seconds`` batch of clips drawn from ``lengths`` (the encode extraction runs, CNN and
-    packed transformer), then back-to-back 2048^2 products for as long. Returns
-    ``(encode GFLOP/s, matmul GFLOP/s)`` per round and the batch's audio seconds."""
+    packed transformer), then back-to-back 2048^2 products for as long. Each round also encodes the
+    batch as one call on all torch threads (``cpu_lanes = 1``), before or after the default
+    (alternating), for the A/B of the single-thread lanes. Returns ``(encode GFLOP/s, matmul
+    GFLOP/s)`` per round, the batch's audio seconds, and per round the one call's time over the
+    default's (above 1: the lanes are faster; 1.0 each where the batch runs as one call anyway)."""
     from featstore.encoders.hf_ssl import SSLEncoder
 
     enc = SSLEncoder(model_dir)
@@ -202,14 +206,24 @@ def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: in
         total += int(k)
     clips = [(0.05 * rng.normal(size=k)).astype(np.float32) for k in picked]
     fl = float(np.array([ssl_flops(cfg, len(c)) for c in clips]).sum())
-    enc.encode(clips)  # warm-up: scratch buffers, cached weights
-    out = []
-    for _ in range(rounds):
+
+    def timed(lanes: int | None) -> float:
+        enc.cpu_lanes = lanes
         t = time.perf_counter()
         enc.encode(clips)
-        dt = time.perf_counter() - t
-        out.append((fl / dt / 1e9, sustained_matmul_rate(dt)))
-    return out, total / 16000
+        return time.perf_counter() - t
+
+    timed(1), timed(None)  # warm-up: scratch buffers (each lane's), cached weights
+    out, speedups = [], []
+    for r in range(rounds):
+        one = timed(1) if r % 2 else None
+        dt = timed(None)
+        mm = sustained_matmul_rate(dt)
+        one = timed(1) if one is None else one
+        out.append((fl / dt / 1e9, mm))
+        speedups.append(one / dt)
+    enc.cpu_lanes = None
+    return out, total / 16000, speedups
 
 
 def cpu_time_check(model_dir: Path, lengths: list[int], cfg: dict, n: int = 150) -> tuple[float, float, float, float]:
@@ -350,12 +364,14 @@ def main() -> None:
         print(f"  CNN {tim['cnn']:.1f} s: {rate(flops[0], tim['cnn']):.0f} GFLOP/s ({100 * rate(flops[0], tim['cnn']) / mm:.0f} %); "
               f"transformer {tim['transformer']:.1f} s: {rate(flops[1], tim['transformer']):.0f} GFLOP/s "
               f"({100 * rate(flops[1], tim['transformer']) / mm:.0f} %)")
-    pairs, batch_s = paired_efficiency(model_dir, lengths, cfg, batch_seconds=args.batch_seconds)
+    pairs, batch_s, speedups = paired_efficiency(model_dir, lengths, cfg, batch_seconds=args.batch_seconds)
     ratios = [e / m for e, m in pairs]
     print(f"paired, in this process: one batch of {batch_s:.1f} s of audio encoded, then 2048^2 products for as long, "
           f"{len(pairs)} rounds: encode {', '.join(f'{e:.0f}' for e, _ in pairs)} GFLOP/s vs matmul "
           f"{', '.join(f'{m:.0f}' for _, m in pairs)} -> median {100 * float(np.median(ratios)):.0f} % of the matmul "
           f"({100 * min(ratios):.0f}-{100 * max(ratios):.0f} %; {load_text()})")
+    print(f"  single-thread lanes vs one call on all threads, the same batch in the same rounds: one call's time over "
+          f"the lanes' {', '.join(f'{x:.2f}' for x in speedups)} -> median {float(np.median(speedups)):.2f}x")
     cnn_r, tf_r, all_r, mm1 = cpu_time_check(model_dir, lengths, cfg)
     print(f"cross-check in CPU time, one thread, one batch of 150 median clips: CNN {cnn_r:.0f}, transformer "
           f"{tf_r:.0f}, whole encode {all_r:.0f} GFLOP/s = {100 * all_r / mm1:.0f} % of the one-thread matmul "
