@@ -260,3 +260,34 @@ def test_lanes_split_a_batch_by_samples_and_fall_back_to_one_call_when_they_cann
         assert enc._lane_parts(waves(4000, 4000, 8000)) == [[0, 1, 2]]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_failing_lane_is_raised_only_after_every_lane_has_finished(tiny_models, monkeypatch):
+    """An error in one lane reaches the caller after the other lanes are done (a caller that
+    retries, e.g. with a smaller batch, never runs beside a lane still encoding), and the caller's
+    thread count is restored."""
+    import threading
+    import time as _time
+
+    enc = SSLEncoder(tiny_models["wavlm"])
+    enc.lane_min_seconds = 0.1
+    clips = [np.zeros(n, np.float32) for n in (8000, 4000, 4000)]
+    finished = threading.Event()
+
+    def spy(waves, *a, **k):
+        if max(len(w) for w in waves) == 8000:  # the first lane (longest clip first)
+            raise RuntimeError("lane failed")
+        _time.sleep(0.5)
+        finished.set()
+        return []
+
+    monkeypatch.setattr(enc, "_packed", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="lane failed"):
+            enc.encode(clips)
+        assert finished.is_set()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

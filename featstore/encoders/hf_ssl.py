@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -604,7 +604,7 @@ class SSLEncoder(Encoder):
                 return out
         return self._encode(clips)
 
-    #: CPU lanes per batch (``None``: one per torch thread); see :meth:`_lanes`
+    #: CPU lanes per batch (``None``: one per torch thread; ``1``: off); see :meth:`_lane_parts`
     cpu_lanes: int | None = None
     #: audio seconds a lane must get at least (smaller batches run as one lane)
     lane_min_seconds = 2.0
@@ -620,7 +620,7 @@ class SSLEncoder(Encoder):
         than :attr:`lane_imbalance` above an equal share (three equal clips on two threads run as
         one call: a 2:1 split would wait on the longer lane). Measured on two cores (the A/B line
         of ``bench/extract_bench.py``, rounds interleaved in one process): on a quiet host, a 60-s
-        batch of short clips, two lanes take a median 1.03x less time than one call on two
+        batch of short clips, two lanes run a median 1.03x faster than one call on two
         threads (8 rounds, 1.00-1.06x; 5-s and 15-s batches 1.02x and 1.00x, 0.92-1.07x); on a
         busy host (load ~2, its product rate moving 31-65 GFLOP/s) a median 1.08x (10 rounds,
         0.98-1.33x), the lanes' time spreading 13.7-15.4 s against the one call's 14.1-18.7 s:
@@ -657,7 +657,9 @@ class SSLEncoder(Encoder):
 
         threads = torch.get_num_threads()
         try:
-            results = list(_lane_pool(lanes).map(run, range(lanes)))
+            futures = [_lane_pool(lanes).submit(run, j) for j in range(lanes)]
+            wait(futures)  # every lane done before anything is raised (no lane left running beside a retry)
+            results = [f.result() for f in futures]
         finally:
             torch.set_num_threads(threads)  # BLAS thread counts can be process-wide: set this thread's back
         out: list[list[np.ndarray]] = [[] for _ in waves]
