@@ -291,3 +291,24 @@ def test_a_failing_lane_is_raised_only_after_every_lane_has_finished(tiny_models
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_batches_with_different_lane_counts_share_one_pool_and_keep_no_dead_threads_buffers(tiny_models):
+    """Batches split into 2, then 3, then 2 lanes leave at most 3 lane threads alive (not a pool per
+    lane count), and the model keeps scratch buffers only for threads that are alive."""
+    import threading
+
+    enc = SSLEncoder(tiny_models["wavlm"])
+    enc.lane_min_seconds = 0.1
+    clips = [(0.1 * np.random.default_rng(k).normal(size=4000)).astype(np.float32) for k in range(6)]
+    for lanes in (2, 3, 2, 3):
+        enc.cpu_lanes = lanes
+        enc.encode(clips)
+    lane_threads = lambda: [t for t in threading.enumerate() if t.name.startswith("featstore-lane")]  # noqa: E731
+    assert len(lane_threads()) <= 3
+    enc.cpu_lanes = 3
+    enc.encode(clips)
+    pools = [m.__dict__["_featstore_scratch"] for m in enc._net.modules() if "_featstore_scratch" in m.__dict__]
+    assert pools
+    live = {t.ident for t in threading.enumerate()}
+    assert all(set(p) <= live for p in pools)

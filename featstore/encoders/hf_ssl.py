@@ -90,19 +90,24 @@ def masked_group_norm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tens
     return h * valid[:, None].to(h.dtype), counts
 
 
-_LANE_POOLS: dict[int, ThreadPoolExecutor] = {}
-_LANE_POOLS_LOCK = threading.Lock()
+_LANE_POOL: list[tuple[int, ThreadPoolExecutor]] = []  # (workers, the one pool), grown when a batch needs more lanes
+_LANE_POOL_LOCK = threading.Lock()
 
 
 def _lane_pool(lanes: int) -> ThreadPoolExecutor:
-    """The process's persistent pool of ``lanes`` worker threads for :meth:`SSLEncoder._packed_lanes`
-    (persistent: their :func:`~featstore.encoders.ssl_native.scratch` buffers, kept per thread,
-    are reused from batch to batch)."""
-    with _LANE_POOLS_LOCK:
-        pool = _LANE_POOLS.get(lanes)
-        if pool is None:
-            pool = _LANE_POOLS[lanes] = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="featstore-lane")
-        return pool
+    """The process's one persistent pool of worker threads for :meth:`SSLEncoder._packed_lanes`,
+    with at least ``lanes`` workers (persistent: their :func:`~featstore.encoders.ssl_native.scratch`
+    buffers, kept per thread, are reused from batch to batch). When a batch needs more lanes than
+    it has, it is replaced by a larger one (its threads end first; the new threads' first scratch
+    calls drop the ended threads' buffers): the process never holds more lane threads than the
+    most lanes one batch used."""
+    with _LANE_POOL_LOCK:
+        if _LANE_POOL and _LANE_POOL[0][0] >= lanes:
+            return _LANE_POOL[0][1]
+        if _LANE_POOL:  # idle between batches: its threads end here, before the new ones start
+            _LANE_POOL.pop()[1].shutdown(wait=True)
+        _LANE_POOL.append((lanes, ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="featstore-lane")))
+        return _LANE_POOL[0][1]
 
 
 def gemm_cnn_supported(feature_encoder: nn.Module) -> bool:
@@ -657,7 +662,8 @@ class SSLEncoder(Encoder):
 
         threads = torch.get_num_threads()
         try:
-            futures = [_lane_pool(lanes).submit(run, j) for j in range(lanes)]
+            pool = _lane_pool(lanes)
+            futures = [pool.submit(run, j) for j in range(lanes)]
             wait(futures)  # every lane done before anything is raised (no lane left running beside a retry)
             results = [f.result() for f in futures]
         finally:

@@ -305,8 +305,15 @@ def scratch(owner: nn.Module, name: str, rows: int, cols: int, like: torch.Tenso
     time, and its first write page-faults (~25 ms per 34 MB here, a fifth of the transformer's time
     in ``bench/extract_bench.py`` profiles); a reused one is already mapped. Only for
     intermediates: never return one (the next call overwrites it). Kept per thread (concurrent
-    lanes of one model, ``SSLEncoder._packed_lanes``, each have their own)."""
-    pool = owner.__dict__.setdefault("_featstore_scratch", {}).setdefault(threading.get_ident(), {})
+    lanes of one model, ``SSLEncoder._packed_lanes``, each have their own; a thread's first call
+    drops the buffers of threads that have ended)."""
+    pools = owner.__dict__.setdefault("_featstore_scratch", {})
+    pool = pools.get(threading.get_ident())
+    if pool is None:
+        live = {t.ident for t in threading.enumerate()}
+        for ident in [i for i in pools if i not in live]:
+            pools.pop(ident, None)
+        pool = pools.setdefault(threading.get_ident(), {})
     need = rows * cols
     buf = pool.get(name)
     if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
