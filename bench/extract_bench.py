@@ -22,6 +22,7 @@ and Whisper full-window clips/s with its FLOPs per window (``--whisper DIR``; de
 tiny.en when present). Load averages beside every figure: compare ratios within one run.
 
     python bench/extract_bench.py --n 1000
+    python bench/extract_bench.py --lanes-ab 60 15 5 --rounds 8    # only the lanes' A/B
 """
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def whisper_throughput(model_dir: Path, n: int, repeats: int = 2) -> tuple[float
 
 
 def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: int = 5,
-                      batch_seconds: float = 60.0) -> tuple[list[tuple[float, float]], float, list[float]]:
+                      batch_seconds: float = 60.0) -> tuple[list[tuple[float, float]], float, list[float], int]:
     """The encode's compute rate against the matrix product's, paired so that the host's drift
     (its speed moves by tens of % within minutes) cancels: in this process, ``rounds`` times one
     ``batch_seconds`` batch of clips drawn from ``lengths`` (the encode extraction runs, CNN and
@@ -193,7 +194,8 @@ def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: in
     batch as one call on all torch threads (``cpu_lanes = 1``), before or after the default
     (alternating), for the A/B of the single-thread lanes. Returns ``(encode GFLOP/s, matmul
     GFLOP/s)`` per round, the batch's audio seconds, and per round the one call's time over the
-    default's (above 1: the lanes are faster; 1.0 each where the batch runs as one call anyway)."""
+    default's (above 1: the lanes are faster), and how many lanes the default splits the batch into
+    (1: one call either way)."""
     from featstore.encoders.hf_ssl import SSLEncoder
 
     enc = SSLEncoder(model_dir)
@@ -213,7 +215,8 @@ def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: in
         enc.encode(clips)
         return time.perf_counter() - t
 
-    timed(1), timed(None)  # warm-up: scratch buffers (each lane's), cached weights
+    timed(1)  # warm-up: scratch buffers (each lane's), cached weights
+    timed(None)
     out, speedups = [], []
     for r in range(rounds):
         one = timed(1) if r % 2 else None
@@ -223,7 +226,10 @@ def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: in
         out.append((fl / dt / 1e9, mm))
         speedups.append(one / dt)
     enc.cpu_lanes = None
-    return out, total / 16000, speedups
+    import torch
+
+    lanes = len(enc._lane_parts([torch.from_numpy(c) for c in clips]))
+    return out, total / 16000, speedups, lanes
 
 
 def cpu_time_check(model_dir: Path, lengths: list[int], cfg: dict, n: int = 150) -> tuple[float, float, float, float]:
@@ -279,6 +285,9 @@ def main() -> None:
     ap.add_argument("--skip-padded", action="store_true", help="time only featstore (no ratio)")
     ap.add_argument("--whisper", default=str(DEFAULT_WHISPER), help="Whisper model directory ('' to skip)")
     ap.add_argument("--whisper-clips", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the paired encode / matmul (and lanes A/B)")
+    ap.add_argument("--lanes-ab", type=float, nargs="+", metavar="SECONDS",
+                    help="only the single-thread lanes' A/B: for each batch size, --rounds paired rounds")
     ap.add_argument("--padded-child", nargs=3, metavar=("MODEL", "MANIFEST", "PAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.padded_child:
@@ -294,6 +303,16 @@ def main() -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     lengths = [sf.info(str(tmp / "wav" / f"c{i:05d}.wav")).frames for i in range(args.n)]
     audio_s = sum(lengths) / 16000
+    if args.lanes_ab:
+        print(f"single-thread lanes vs one call on {torch.get_num_threads()} torch threads, model {model_dir.name}, "
+              f"clips drawn from {args.n} (median {np.median(lengths) / 16000:.3f} s), {args.rounds} rounds each, "
+              f"the order alternating ({load_text()})")
+        for b in args.lanes_ab:
+            pairs, batch_s, speedups, lanes = paired_efficiency(model_dir, lengths, cfg, rounds=args.rounds, batch_seconds=b)
+            print(f"  batch {batch_s:.1f} s, {lanes} lanes: one call's time over the lanes' {', '.join(f'{x:.2f}' for x in speedups)} "
+                  f"-> median {float(np.median(speedups)):.2f}x ({min(speedups):.2f}-{max(speedups):.2f}x); matmul "
+                  f"{min(m for _, m in pairs):.0f}-{max(m for _, m in pairs):.0f} GFLOP/s ({load_text()})", flush=True)
+        return
     flops = np.array([ssl_flops(cfg, n) for n in lengths]).sum(0)
     mm = matmul_rate()
     sus = sustained_matmul_rate()
@@ -364,13 +383,14 @@ def main() -> None:
         print(f"  CNN {tim['cnn']:.1f} s: {rate(flops[0], tim['cnn']):.0f} GFLOP/s ({100 * rate(flops[0], tim['cnn']) / mm:.0f} %); "
               f"transformer {tim['transformer']:.1f} s: {rate(flops[1], tim['transformer']):.0f} GFLOP/s "
               f"({100 * rate(flops[1], tim['transformer']) / mm:.0f} %)")
-    pairs, batch_s, speedups = paired_efficiency(model_dir, lengths, cfg, batch_seconds=args.batch_seconds)
+    pairs, batch_s, speedups, lanes = paired_efficiency(model_dir, lengths, cfg, rounds=args.rounds,
+                                                        batch_seconds=args.batch_seconds)
     ratios = [e / m for e, m in pairs]
     print(f"paired, in this process: one batch of {batch_s:.1f} s of audio encoded, then 2048^2 products for as long, "
           f"{len(pairs)} rounds: encode {', '.join(f'{e:.0f}' for e, _ in pairs)} GFLOP/s vs matmul "
           f"{', '.join(f'{m:.0f}' for _, m in pairs)} -> median {100 * float(np.median(ratios)):.0f} % of the matmul "
           f"({100 * min(ratios):.0f}-{100 * max(ratios):.0f} %; {load_text()})")
-    print(f"  single-thread lanes vs one call on all threads, the same batch in the same rounds: one call's time over "
+    print(f"  single-thread lanes ({lanes}) vs one call on all threads, the same batch in the same rounds: one call's time over "
           f"the lanes' {', '.join(f'{x:.2f}' for x in speedups)} -> median {float(np.median(speedups)):.2f}x")
     cnn_r, tf_r, all_r, mm1 = cpu_time_check(model_dir, lengths, cfg)
     print(f"cross-check in CPU time, one thread, one batch of 150 median clips: CNN {cnn_r:.0f}, transformer "

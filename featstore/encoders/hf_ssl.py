@@ -623,13 +623,9 @@ class SSLEncoder(Encoder):
         clips go longest first to the lane with the fewest samples so far, with the most lanes
         for which each lane has at least :attr:`lane_min_seconds` of audio and none holds more
         than :attr:`lane_imbalance` above an equal share (three equal clips on two threads run as
-        one call: a 2:1 split would wait on the longer lane). Measured on two cores (the A/B line
-        of ``bench/extract_bench.py``, rounds interleaved in one process): on a quiet host, a 60-s
-        batch of short clips, two lanes run a median 1.03x faster than one call on two
-        threads (8 rounds, 1.00-1.06x; 5-s and 15-s batches 1.02x and 1.00x, 0.92-1.07x); on a
-        busy host (load ~2, its product rate moving 31-65 GFLOP/s) a median 1.08x (10 rounds,
-        0.98-1.33x), the lanes' time spreading 13.7-15.4 s against the one call's 14.1-18.7 s:
-        no barrier waits on a thread the host has taken away."""
+        one call: a 2:1 split would wait on the longer lane). What it buys on two cores (about
+        1.0x on a quiet host, 1.08x on a busy one): the README's Benchmarks, from
+        ``python bench/extract_bench.py --lanes-ab 60 15 5 --rounds 8``."""
         one = [list(range(len(waves)))]
         if str(self.device) != "cpu" or self.amp not in (None, "", "fp32"):
             return one
@@ -637,10 +633,11 @@ class SSLEncoder(Encoder):
         sizes = [int(w.shape[-1]) for w in waves]
         total = sum(sizes)
         n = min(n, len(waves), int(total / self.sample_rate // self.lane_min_seconds))
+        longest_first = sorted(range(len(waves)), key=lambda i: -sizes[i])
         for lanes in range(n, 1, -1):
             load = [0] * lanes
             parts: list[list[int]] = [[] for _ in range(lanes)]
-            for i in sorted(range(len(waves)), key=lambda i: -sizes[i]):
+            for i in longest_first:
                 j = min(range(lanes), key=load.__getitem__)
                 parts[j].append(i)
                 load[j] += sizes[i]
