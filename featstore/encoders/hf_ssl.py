@@ -10,6 +10,7 @@ the model returns.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import threading
 import time
@@ -108,6 +109,16 @@ def _lane_pool(lanes: int) -> ThreadPoolExecutor:
             _LANE_POOL.pop()[1].shutdown(wait=True)
         _LANE_POOL.append((lanes, ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="featstore-lane")))
         return _LANE_POOL[0][1]
+
+
+def _end_lane_pool() -> None:
+    """At exit: end the idle lane threads (a console script's fast exit waits for none)."""
+    with _LANE_POOL_LOCK:
+        while _LANE_POOL:
+            _LANE_POOL.pop()[1].shutdown(wait=True)
+
+
+atexit.register(_end_lane_pool)
 
 
 def gemm_cnn_supported(feature_encoder: nn.Module) -> bool:
