@@ -17,7 +17,8 @@ HDF5 file, so a kill at any instant cannot leave a half-updated HDF5 structure b
   sha256 of its body, written once to a temporary name, fsynced and renamed;
 * ``attrs.json`` — attributes set later (e.g. the padding audit), replaced the same way;
 * ``bNNNNNNNN.batch`` — one committed batch each: every layer's frames of its rows as one block
-  per layer (sha256 per block) and the rows' fields, written to a temporary name, fsynced and
+  per layer (a CRC-32 per block, ``"crc32:%08x"``; files of earlier versions carry a sha256, also
+  read) and the rows' fields, written to a temporary name, fsynced and
   atomically renamed (``write_items(..., finish_later=True)``: the fsync and rename are returned as
   a function for another thread). A batch is committed exactly when its file exists under its
   final name;
@@ -38,6 +39,7 @@ import os
 import shutil
 import signal
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -252,6 +254,19 @@ def _read_record(path: Path, kind: str) -> Any:
     if hashlib.sha256(body).hexdigest() != parts[2]:
         raise ValueError("checksum mismatch")
     return _loads(body)
+
+
+#: a layer block's checksum: CRC-32 (zlib, ~6 GB/s here, against 1.8 for sha256; each block is
+#: summed when written and again when verified). It detects any burst error up to 32 bits and all
+#: but 2**-32 of random damage (torn writes, truncation, bit rot); it does not resist tampering.
+_CRC = "crc32:%08x"
+
+
+def _block_ok(data: Any, expected: str) -> bool:
+    """Whether a layer block matches its checksum (``crc32:`` or, files of earlier versions, sha256)."""
+    if expected.startswith("crc32:"):
+        return _CRC % zlib.crc32(data) == expected
+    return hashlib.sha256(data).hexdigest() == expected
 
 
 def _remove(path: Path) -> None:
@@ -567,19 +582,19 @@ class StoreWriter:
             pos_bytes = _ALIGN
             yield _MAGIC + b"\0" * (_ALIGN - len(_MAGIC))
             for pos in range(n_layers):
-                h = hashlib.sha256()
+                crc = 0
                 start = pos_bytes
                 for fr in arrays:
                     if fr is None:
                         continue
                     a = np.ascontiguousarray(fr[pos], dtype=self.dtype)
-                    h.update(a)
+                    crc = zlib.crc32(a, crc)
                     yield a
                     pos_bytes += a.nbytes
                 pad = -pos_bytes % _ALIGN
                 if pad:
                     yield b"\0" * pad
-                blocks.append([start, pos_bytes - start, h.hexdigest()])
+                blocks.append([start, pos_bytes - start, _CRC % crc])
                 pos_bytes += pad
             header["blocks"] = blocks
             header["data_end"] = pos_bytes
@@ -632,7 +647,7 @@ class StoreWriter:
             for pos, (off, nbytes, sha) in enumerate(header["blocks"]):
                 if nbytes != total * self.dims[pos] * self.dtype.itemsize or off + nbytes > header["data_end"]:
                     raise ValueError(f"layer block {pos} has the wrong size")
-                if hashlib.sha256(_pread(fd, off, nbytes)).hexdigest() != sha:
+                if not _block_ok(_pread(fd, off, nbytes), sha):
                     raise ValueError(f"checksum mismatch in layer block {pos}")
         finally:
             os.close(fd)
@@ -745,7 +760,7 @@ class StoreWriter:
             buf = _pread(fd, off, nbytes)
         finally:
             os.close(fd)
-        if hashlib.sha256(buf).hexdigest() != sha:
+        if not _block_ok(buf, sha):
             _remove(batch.path)
             del self.batches[batch.key]
             raise PartialDamaged(f"{batch.path.name} in {self.dir} was damaged after it was committed (checksum "

@@ -40,6 +40,12 @@ def _data():
     return rows, frames, attrs
 
 
+def _entries(batch, frames):
+    """One batch's entries as :func:`write_store` commits them (row 4 failed)."""
+    return [(j, {"status": "too_short", "error": "short"} if j == 4 else {"note": f"n{j}"},
+             None if j == 4 else frames[j]) for j in batch]
+
+
 def write_store(out: Path, split: bool = False) -> int:
     """Write (or resume) the small store; returns the number of batches this call committed.
     ``split``: each commit as `featstore extract` makes it on the CPU, written here and finished
@@ -59,8 +65,7 @@ def write_store(out: Path, split: bool = False) -> int:
     wrote = 0
     for key, batch in enumerate(w.plan):
         if not w.committed(key):
-            done = w.write_items([(j, {"status": "too_short", "error": "short"} if j == 4 else {"note": f"n{j}"},
-                                   None if j == 4 else frames[j]) for j in batch], key=key, finish_later=split)
+            done = w.write_items(_entries(batch, frames), key=key, finish_later=split)
             if split:
                 t = threading.Thread(target=done)
                 t.start()
@@ -256,6 +261,42 @@ def test_a_batch_damaged_after_verification_is_caught_when_finishing(tmp_path):
     with pytest.raises(PartialDamaged, match="b00000002.batch .* was damaged after it was committed"):
         w.finalize()
     assert not out.exists() and sorted(w.batches) == [0, 1, 3] and not (partial_path(out) / "final.h5").exists()
+
+
+def _as_sha256_batch(f: Path) -> None:
+    """Rewrite a batch file as earlier versions wrote it: a sha256 per layer block."""
+    import hashlib
+
+    data = f.read_bytes()
+    digest, hlen, magic = st._TAIL.unpack(data[-st._TAIL.size:])
+    header = st._loads(data[len(data) - st._TAIL.size - hlen: len(data) - st._TAIL.size])
+    for block in header["blocks"]:
+        off, nbytes, crc = block
+        assert crc.startswith("crc32:")
+        block[2] = hashlib.sha256(data[off: off + nbytes]).hexdigest()
+    body = st._dumps(header)
+    f.write_bytes(data[: header["data_end"]] + body + st._TAIL.pack(hashlib.sha256(body).digest(), len(body), magic))
+
+
+@pytest.mark.parametrize("damage", [False, True])
+def test_batches_of_earlier_versions_sha256_blocks_still_resume(reference, tmp_path, damage):
+    out = tmp_path / "s.h5"
+    rows, frames, attrs = _data()
+    w = StoreWriter.create(out, rows, attrs, DIMS, extra_columns=["sex"], plan=PLAN)
+    w.set_attrs(audit={"clips": 2})
+    for key, batch in enumerate(PLAN[:2]):
+        w.write_items(_entries(batch, frames), key=key)
+    for key in (0, 1):
+        _as_sha256_batch(w.batches[key].path)
+    if damage:  # one byte of batch 1's frames: its sha256 no longer matches
+        data = bytearray(w.batches[1].path.read_bytes())
+        data[64] ^= 0xFF
+        w.batches[1].path.write_bytes(bytes(data))
+    w2 = StoreWriter.resume(out)
+    assert sorted(w2.batches) == ([0] if damage else [0, 1])
+    assert [name for name, _ in w2.dropped] == (["b00000001.batch"] if damage else [])
+    assert write_store(out) == (3 if damage else 2)
+    assert compare_stores(reference, out, ignore_attrs=("created_at",)) == []
 
 
 def test_write_items_refuses_bad_entries(tmp_path):
