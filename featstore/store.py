@@ -181,11 +181,23 @@ def _loads(data: bytes) -> Any:
     return json.loads(data.decode("utf-8"), object_hook=_dec_hook)
 
 
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
+
+
 def _write_all(fd: int, data: Any) -> None:
-    view = memoryview(data).cast("B")
-    while len(view):
-        n = os.write(fd, view)
-        view = view[n:]
+    """Write one buffer, or a list of buffers (one ``writev`` per up to ``IOV_MAX`` of them: a
+    layer block of a batch is hundreds of clips' arrays), retrying short writes."""
+    if not isinstance(data, list):
+        data = [data]
+    views = [v for v in (memoryview(d).cast("B") for d in data) if len(v)]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX]) if len(views) > 1 else os.write(fd, views[0])
+        while n and views:  # drop what was written; keep the rest of a partly written buffer
+            if n >= len(views[0]):
+                n -= len(views.pop(0))
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -581,19 +593,22 @@ class StoreWriter:
         def parts() -> Iterator[Any]:
             pos_bytes = _ALIGN
             yield _MAGIC + b"\0" * (_ALIGN - len(_MAGIC))
-            for pos in range(n_layers):
+            for pos in range(n_layers):  # one part (one writev) per layer block
                 crc = 0
                 start = pos_bytes
+                block: list[Any] = []
                 for fr in arrays:
                     if fr is None:
                         continue
                     a = np.ascontiguousarray(fr[pos], dtype=self.dtype)
                     crc = zlib.crc32(a, crc)
-                    yield a
+                    block.append(a)
                     pos_bytes += a.nbytes
                 pad = -pos_bytes % _ALIGN
                 if pad:
-                    yield b"\0" * pad
+                    block.append(b"\0" * pad)
+                if block:
+                    yield block
                 blocks.append([start, pos_bytes - start, _CRC % crc])
                 pos_bytes += pad
             header["blocks"] = blocks

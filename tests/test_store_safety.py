@@ -387,3 +387,27 @@ def test_check_finds_nonfinite_frames_anywhere_in_a_layer(tmp_path, monkeypatch)
     path = w.finalize()
     monkeypatch.setattr(st, "SCAN_BYTES", 4096)  # many chunks, bounded memory
     assert check_store(path) == ["layers/00 holds 2 non-finite values in 2 frames of 1 item(s); first: item 'b' (row 1)"]
+
+
+def test_short_writes_are_retried_exactly(tmp_path, monkeypatch):
+    """``writev``/``write`` may write less than asked (signals, quotas): the rest is written, in order."""
+    real_write, real_writev = os.write, os.writev
+    calls = []
+
+    def short_writev(fd, bufs):
+        calls.append(len(bufs))
+        first = bytes(bufs[0])[:3]  # a part of the first buffer only (3 bytes, or fewer)
+        return real_writev(fd, [first]) if first else 0
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(os, "write", lambda fd, b: real_write(fd, bytes(b)[:5]))
+    parts = [np.arange(7, dtype=np.float32), b"", b"xy", np.arange(3, dtype=np.int64)]
+    want = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        st._write_all(fd, parts)
+        st._write_all(fd, b"single buffer")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == want + b"single buffer"
+    assert calls and max(calls) == 3  # the empty buffer is skipped
