@@ -706,8 +706,11 @@ def _stats(writer: StoreWriter, wall: float, resumed: bool) -> dict[str, Any]:
 
 
 def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequence[Row], n: int) -> None:
-    clips = []
-    for r in rows:
+    """The padding audit of the first ``n`` clips. Their padding-exact frames are this run's, read
+    back from the committed batches when the store holds them exactly as the encoder returns them
+    (every layer, float32, no padding recipe); otherwise the encoder computes them again."""
+    clips, chosen = [], []
+    for j, r in enumerate(rows):
         if len(clips) >= n:
             break
         if r.status:
@@ -715,7 +718,14 @@ def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequenc
         c = loader(r)
         if isinstance(c, Clip):
             clips.append(c.samples)
-    audit = encoder.padding_audit(clips) if clips else {}
+            chosen.append(j)
+    frames = None
+    if (clips and not isinstance(encoder, PaddedRecipe) and writer.dtype == np.float32
+            and list(writer.spec["layer_ids"]) == list(range(encoder.num_layers))):
+        frames = [writer.item_frames(j) for j in chosen]
+        if any(f is None for f in frames):
+            frames = None
+    audit = encoder.padding_audit(clips, frames=frames) if clips else {}
     writer.set_attrs(padding_audit=audit)
 
 

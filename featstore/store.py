@@ -668,6 +668,27 @@ class StoreWriter:
             os.close(fd)
         return key, header
 
+    def item_frames(self, row: int) -> list[np.ndarray] | None:
+        """Row ``row``'s frames, one array per stored layer, as its committed batch holds them
+        (read from the batch file, not verified: :meth:`finalize` verifies every block); ``None``
+        when the row is not committed or has no frames (a failed item)."""
+        key = self._done.get(int(row))
+        if key is None:
+            return None
+        batch = self.batches[key]
+        h = batch.header
+        pos = [int(r) for r in h["rows"]].index(int(row))
+        n, before = int(h["frames"][pos]), sum(int(c) for c in h["frames"][:pos])
+        if not n:
+            return None
+        size = self.dtype.itemsize
+        fd = os.open(batch.path, os.O_RDONLY)
+        try:
+            return [np.frombuffer(_pread(fd, int(off) + before * dim * size, n * dim * size), dtype=self.dtype)
+                    .reshape(n, dim) for (off, _, _), dim in zip(h["blocks"], self.dims)]
+        finally:
+            os.close(fd)
+
     def set_attrs(self, **attrs: Any) -> None:
         """Set root attributes (kept in ``attrs.json`` until the store is finished)."""
         self.extra_attrs.update({k: _attr(v) for k, v in attrs.items()})

@@ -100,6 +100,28 @@ def test_padding_audit_shows_group_norm_damage(tiny_models, clip_set, tmp_path):
     assert max(audit_l["max_abs"]) < 1e-4  # a layer-norm model with a mask is unaffected
 
 
+@pytest.mark.parametrize("layers, dtype, reused", [("all", "float32", True), ("0,2", "float32", False),
+                                                   ("all", "float16", False)])
+def test_padding_audit_reads_the_clips_frames_back_from_the_run(tiny_models, clip_set, tmp_path, monkeypatch,
+                                                                layers, dtype, reused):
+    """The audit's padding-exact side is the run's own frames (not encoded a second time) when the
+    store holds them as the encoder returns them; its numbers are those of re-encoding."""
+    encoded = []
+    real = SSLEncoder.encode
+    monkeypatch.setattr(SSLEncoder, "encode", lambda self, clips: encoded.append(len(clips)) or real(self, clips))
+    res = extract(clip_set, str(tiny_models["wavlm"]), tmp_path / "s.h5", layers=layers, dtype=dtype, progress=False)
+    assert res.ok == 12
+    assert sum(encoded) == (12 if reused else 12 + 8)  # 12 clips once; re-encoding adds the 8 audit clips
+    audit = featstore.open(res.path).attrs["padding_audit"]
+    enc = SSLEncoder(tiny_models["wavlm"])
+    with featstore.open(res.path) as st:
+        clips = [sf.read(p, dtype="float32")[0] for p in st.column("path")[:8]]
+    want = enc.padding_audit(clips)
+    assert audit["clips"] == want["clips"] == 8
+    np.testing.assert_allclose(audit["max_abs"], want["max_abs"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(audit["mean_abs"], want["mean_abs"], rtol=1e-4, atol=1e-6)
+
+
 def test_batches_have_little_padding(tiny_models, tmp_path):
     rng = np.random.default_rng(3)
     rows = []

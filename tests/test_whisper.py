@@ -183,6 +183,8 @@ def test_padding_audit(enc, enc_ctx):
     assert len(audit["max_abs"]) == len(audit["mean_cosine"]) == 3
     assert audit["max_abs"][0] < 1e-5 and audit["mean_cosine"][0] > 0.999999
     assert audit["max_abs"][1] > 1e-2 and audit["mean_cosine"][2] < 0.9999
+    # the clips' frames given (an extraction reads them back from its store): the same audit
+    assert enc_ctx.padding_audit(clips, frames=enc_ctx.encode(clips)) == audit
 
 
 @pytest.mark.parametrize(

@@ -71,8 +71,12 @@ class Encoder(ABC):
             lo += 1
         return lo
 
-    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
+    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                      frames: Sequence[Sequence[np.ndarray]] | None = None) -> dict[str, Any]:
         """How far the common pipeline (zero-pad to ``pad_seconds``, full model) moves each layer.
+
+        ``frames``: this encoder's own frames of ``clips`` (``encode(clips)``), when the caller has
+        them already (an extraction reads them back from its store): then they are not recomputed.
 
         Returns ``{"clips": n, "pad_seconds": s, "max_abs": [...], "mean_abs": [...]}`` per layer,
         or ``{}`` when not applicable (front ends, whose frames are local).

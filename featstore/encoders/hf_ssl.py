@@ -778,12 +778,15 @@ class SSLEncoder(Encoder):
         self.stats["batches"] += 1
         return [[np.ascontiguousarray(stacked[k, i, :t]) for k in range(len(self.layer_ids))] for i, t in enumerate(keep)]
 
-    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
-        clips = [c for c in clips if self.num_frames(len(c)) > 0][:8]
+    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                      frames: Sequence[Sequence[np.ndarray]] | None = None) -> dict[str, Any]:
+        keep = [i for i, c in enumerate(clips) if self.num_frames(len(c)) > 0][:8]
+        clips = [clips[i] for i in keep]
         if not clips:
             return {}
         padded = self.common_pipeline(clips, pad_seconds, fast=True)
-        solo = self.encode(clips)  # one padding-exact batch: each clip's solo frames (to ~1e-6)
+        # each clip's padding-exact frames (to ~1e-6 of a solo run): given, or one batch of them
+        solo = [frames[i] for i in keep] if frames is not None else self.encode(clips)
         nl = len(self.layer_ids)
         max_abs = [max(float(np.abs(p[k] - s[k]).max()) for p, s in zip(padded, solo)) for k in range(nl)]
         mean_abs = [float(np.mean([np.abs(p[k] - s[k]).mean() for p, s in zip(padded, solo)])) for k in range(nl)]

@@ -349,7 +349,8 @@ class WhisperEncoder(Encoder):
         return states
 
     # ------------------------------------------------------------------ audit
-    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0) -> dict[str, Any]:
+    def padding_audit(self, clips: Sequence[np.ndarray], pad_seconds: float = 1.0,
+                      frames: Sequence[Sequence[np.ndarray]] | None = None) -> dict[str, Any]:
         """How far the shortened window moves the clip's frames, per layer, vs the full 30-s run.
 
         Returns ``{"reference": "full-30s", "context_seconds", "clips", "frames", "max_abs",
@@ -359,10 +360,11 @@ class WhisperEncoder(Encoder):
         """
         if self.positions == self.full_positions:
             return {}
-        clips = [c for c in clips if 0 < len(c) <= self.max_samples]
+        keep = [i for i, c in enumerate(clips) if 0 < len(c) <= self.max_samples]
+        clips = [clips[i] for i in keep]
         if not clips:
             return {}
-        ctx = self._encode(clips, self.positions)
+        ctx = [frames[i] for i in keep] if frames is not None else self._encode(clips, self.positions)
         ref = self._encode(clips, self.full_positions)
         max_abs, mean_abs, cosine = [], [], []
         for k in range(self.num_layers):
