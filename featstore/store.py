@@ -18,9 +18,9 @@ HDF5 file, so a kill at any instant cannot leave a half-updated HDF5 structure b
 * ``attrs.json`` — attributes set later (e.g. the padding audit), replaced the same way;
 * ``bNNNNNNNN.batch`` — one committed batch each: every layer's frames of its rows as one block
   per layer (a CRC-32 per block, ``"crc32:%08x"``; files of earlier versions carry a sha256, also
-  read) and the rows' fields, written to a temporary name, fsynced and
-  atomically renamed (``write_items(..., finish_later=True)``: the fsync and rename are returned as
-  a function for another thread). A batch is committed exactly when its file exists under its
+  read) and the rows' fields, written to a temporary name, fsynced and atomically renamed
+  (``write_items(..., finish_later=True)``: the fsync and rename are returned as a function for
+  another thread). A batch is committed exactly when its file exists under its
   final name;
 * finishing builds the HDF5 file inside the directory with one sequential write per layer and
   batch (no per-item HDF5 writes), fsyncs it, moves it to ``<path>`` with ``os.replace`` (atomic)
@@ -190,13 +190,15 @@ def _write_all(fd: int, data: Any) -> None:
     if not isinstance(data, list):
         data = [data]
     views = [v for v in (memoryview(d).cast("B") for d in data) if len(v)]
-    while views:
-        n = os.writev(fd, views[:_IOV_MAX]) if len(views) > 1 else os.write(fd, views[0])
-        while n and views:  # drop what was written; keep the rest of a partly written buffer
-            if n >= len(views[0]):
-                n -= len(views.pop(0))
+    i = 0  # the first buffer not yet written whole
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _IOV_MAX]) if len(views) - i > 1 else os.write(fd, views[i])
+        while n and i < len(views):  # skip what was written; keep the rest of a partly written buffer
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
             else:
-                views[0] = views[0][n:]
+                views[i] = views[i][n:]
                 n = 0
 
 
