@@ -22,8 +22,9 @@ HDF5 file, so a kill at any instant cannot leave a half-updated HDF5 structure b
   (``write_items(..., finish_later=True)``: the fsync and rename are returned as a function for
   another thread). A batch is committed exactly when its file exists under its
   final name;
-* finishing builds the HDF5 file inside the directory with one sequential write per layer and
-  batch (no per-item HDF5 writes), fsyncs it, moves it to ``<path>`` with ``os.replace`` (atomic)
+* finishing builds the HDF5 file inside the directory (h5py writes the attributes, ``items/`` and
+  one contiguous, 4 KiB-aligned dataset per layer; the layer bytes are then copied from the batch
+  files to their file offsets through :class:`featstore.rawio.Sink`, no per-item HDF5 writes), fsyncs it, moves it to ``<path>`` with ``os.replace`` (atomic)
   and removes the directory.
 
 On resume every batch file is verified (size, header checksum, run, rows, block checksums); a
@@ -46,6 +47,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
+
+from featstore import rawio
 
 FORMAT = "featstore"
 FORMAT_VERSION = 1
@@ -181,25 +184,7 @@ def _loads(data: bytes) -> Any:
     return json.loads(data.decode("utf-8"), object_hook=_dec_hook)
 
 
-_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
-
-
-def _write_all(fd: int, data: Any) -> None:
-    """Write one buffer, or a list of buffers (one ``writev`` per up to ``IOV_MAX`` of them: a
-    layer block of a batch is hundreds of clips' arrays), retrying short writes."""
-    if not isinstance(data, list):
-        data = [data]
-    views = [v for v in (memoryview(d).cast("B") for d in data) if len(v)]
-    i = 0  # the first buffer not yet written whole
-    while i < len(views):
-        n = os.writev(fd, views[i : i + _IOV_MAX]) if len(views) - i > 1 else os.write(fd, views[i])
-        while n and i < len(views):  # skip what was written; keep the rest of a partly written buffer
-            if n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+_write_all = rawio.write_all
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -220,18 +205,25 @@ def _atomic_write(path: Path, parts: Iterable[Any], prefix: str, durable: bool) 
     _write_then_finish(path, parts, prefix, durable)()
 
 
-def _write_then_finish(path: Path, parts: Iterable[Any], prefix: str, durable: bool) -> Callable[[], None]:
-    """The first half of :func:`_atomic_write` (``parts`` to a temporary name); returns the second
-    (fsync, rename to ``path``, fsync the directory), which must be called once, from any thread.
+def _write_then_finish(path: Path, parts: Iterable[Any], prefix: str, durable: bool,
+                       direct: bool = False) -> Callable[[], None]:
+    """The first half of :func:`_atomic_write` (``parts`` to a temporary name; ``direct``: through a
+    :class:`featstore.rawio.Sink`, past the page cache where possible); returns the second (fsync,
+    rename to ``path``, fsync the directory), which must be called once, from any thread.
     Until it has run, nothing under ``path`` exists: a crash in between loses the file, whole."""
     tmp = path.with_name(f"{_TMP}{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sink = None
     try:
         _step(f"{prefix}:opened")
+        sink = rawio.Sink(fd, 0, direct=direct)
         for part in parts:
-            _write_all(fd, part)
+            sink.write(part)
             _step(f"{prefix}:part")
+        sink.close()
     except BaseException:
+        if sink is not None:
+            sink.release()
         os.close(fd)
         raise
 
@@ -278,9 +270,28 @@ _CRC = "crc32:%08x"
 
 def _block_ok(data: Any, expected: str) -> bool:
     """Whether a layer block matches its checksum (``crc32:`` or, files of earlier versions, sha256)."""
-    if expected.startswith("crc32:"):
-        return _CRC % zlib.crc32(data) == expected
-    return hashlib.sha256(data).hexdigest() == expected
+    check = _BlockCheck(expected)
+    check.update(data)
+    return check.ok()
+
+
+class _BlockCheck:
+    """A layer block's checksum computed piece by piece (``crc32:`` or, earlier versions, sha256)."""
+
+    def __init__(self, expected: str):
+        self.expected = expected
+        self.crc = 0 if expected.startswith("crc32:") else None
+        self.sha = None if self.crc is not None else hashlib.sha256()
+
+    def update(self, data: Any) -> None:
+        if self.sha is None:
+            self.crc = zlib.crc32(data, self.crc)
+        else:
+            self.sha.update(data)
+
+    def ok(self) -> bool:
+        got = _CRC % self.crc if self.sha is None else self.sha.hexdigest()
+        return got == self.expected
 
 
 def _remove(path: Path) -> None:
@@ -619,7 +630,7 @@ class StoreWriter:
             yield body + _TAIL.pack(hashlib.sha256(body).digest(), len(body), _MAGIC)
 
         name = self.dir / f"b{key:08d}.batch"
-        finish = _write_then_finish(name, parts(), "batch", self.durable)
+        finish = _write_then_finish(name, parts(), "batch", self.durable, direct=True)
         self._unfinished = key
 
         def done() -> int:
@@ -748,7 +759,10 @@ class StoreWriter:
         layer_ids, dims = spec["layer_ids"], self.dims
         total = int(cols["num_frames"].sum())
         try:
-            with h5py.File(tmp, "w") as h5:
+            # every object of 4 KiB or more starts at a multiple of 4 KiB: the layers' raw data
+            # are written past h5py, at their file offsets, through aligned direct writes
+            with h5py.File(tmp, "w", alignment_threshold=rawio.DIRECT_ALIGN,
+                           alignment_interval=rawio.DIRECT_ALIGN) as h5:
                 for k, v in attrs.items():
                     h5.attrs[k] = v
                 h5.attrs["format"] = FORMAT
@@ -765,16 +779,27 @@ class StoreWriter:
                 items.attrs["extra_columns"] = json.dumps(list(spec["extra_columns"]))
                 layers = h5.create_group("layers")
                 _step("final:items")
-                for pos, (lid, dim) in enumerate(zip(layer_ids, dims)):
-                    rows_per_chunk = max(1, min(spec["chunk_frames"], max(1, 2**20 // (4 * dim))))
-                    ds = layers.create_dataset(layer_name(lid), shape=(total, dim), maxshape=(None, dim),
-                                               dtype=self.dtype, chunks=(rows_per_chunk, dim))
-                    at = 0
-                    for key in keys:
-                        at += self._copy_block(self.batches[key], pos, ds, at)
-                    _step("final:layer")
-            fd = os.open(tmp, os.O_RDONLY)
+                places = []
+                for lid, dim in zip(layer_ids, dims):
+                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # contiguous, its place fixed now
+                    ds = layers.create_dataset(layer_name(lid), shape=(total, dim), dtype=self.dtype, dcpl=dcpl,
+                                               fill_time="never")  # every byte is written below
+                    places.append(ds.id.get_offset() if total else None)
+            fd = os.open(tmp, os.O_WRONLY)
             try:
+                for pos, at in enumerate(places):
+                    if at is not None:
+                        sink = rawio.Sink(fd, at)
+                        try:
+                            written = sum(self._copy_block(self.batches[key], pos, sink) for key in keys)
+                            sink.close()
+                        except BaseException:
+                            sink.release()
+                            raise
+                        if written != total:
+                            raise RuntimeError(f"layer {pos}: {written} frames copied, {total} expected")
+                    _step("final:layer")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -789,23 +814,34 @@ class StoreWriter:
         _step("final:cleaned")
         return self.path
 
-    def _copy_block(self, batch: _Batch, pos: int, ds: h5py.Dataset, at: int) -> int:
+    def _copy_block(self, batch: _Batch, pos: int, sink: rawio.Sink) -> int:
+        """Copy layer block ``pos`` of ``batch`` to ``sink`` piece by piece, verifying its checksum;
+        returns its frame count."""
         off, nbytes, sha = batch.header["blocks"][pos]
         if not nbytes:
             return 0
+        check = _BlockCheck(sha)
+        buf = rawio.take_buffer()
+        view = memoryview(buf)
         fd = os.open(batch.path, os.O_RDONLY)
         try:
-            buf = _pread(fd, off, nbytes)
+            done = 0
+            while done < nbytes:
+                piece = view[: min(len(view), nbytes - done)]
+                rawio.read_into(fd, piece, off + done)
+                check.update(piece)
+                sink.write(piece)
+                done += len(piece)
         finally:
             os.close(fd)
-        if not _block_ok(buf, sha):
+            view.release()
+            rawio.give_buffer(buf)
+        if not check.ok():
             _remove(batch.path)
             del self.batches[batch.key]
             raise PartialDamaged(f"{batch.path.name} in {self.dir} was damaged after it was committed (checksum "
                                  "mismatch); it was deleted: run the same command again to redo that batch")
-        block = np.frombuffer(buf, dtype=self.dtype).reshape(-1, self.dims[pos])
-        ds[at : at + len(block)] = block
-        return len(block)
+        return nbytes // (self.dims[pos] * self.dtype.itemsize)
 
     def discard(self) -> None:
         """Delete the batch directory (see :func:`discard_partial`)."""

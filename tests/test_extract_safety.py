@@ -91,7 +91,7 @@ def quiet() -> tuple[Console, io.StringIO]:
 # ---------------------------------------------------------------------------------------------
 # Interruptions inside the commit window
 # ---------------------------------------------------------------------------------------------
-IO_CALLS = [("os", "write"), ("os", "writev"), ("os", "fsync"), ("os", "replace"), ("os", "rename"),
+IO_CALLS = [("os", "write"), ("os", "writev"), ("os", "pwrite"), ("os", "pwritev"), ("os", "fsync"), ("os", "replace"), ("os", "rename"),
             ("h5py.Dataset", "__setitem__"), ("h5py.Dataset", "resize"), ("h5py.AttributeManager", "__setitem__"),
             ("h5py.File", "flush")]
 
