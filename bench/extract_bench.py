@@ -372,8 +372,9 @@ def main() -> None:
     print(f"time to first batch (process start -> first encode): {ttfb:.2f} s; batch loop {loop:.1f} s "
           f"(encode {tim['encode']:.1f}, batch-file writes {tim['write']:.2f}, their fsync {tim.get('sync', 0):.2f} beside the "
           f"next encode, of which waited for {tim.get('commit_wait', 0):.2f}, waiting for decode {tim['decode_wait']:.2f}); "
-          f"after the loop {t_ours - ttfb - loop:.1f} s (padding audit {tim.get('audit', float('nan')):.1f}, "
-          "the rest: HDF5 finalize and exit)")
+          f"after the loop {t_ours - ttfb - loop:.1f} s (padding audit {tim.get('audit', float('nan')):.1f} while a thread "
+          "copies the layers into the HDF5 file, then the rest of that copy, the file's attributes, its fsync and "
+          "rename, and exit)")
     total = flops.sum()
     sus_mean = (sus + sus_after) / 2
     print(f"batch loop: {rate(total, loop):.0f} GFLOP/s = {100 * rate(total, loop) / mm:.0f} % of the fastest matmul "

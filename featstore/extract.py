@@ -534,24 +534,33 @@ def extract(
                 for attempt in (0, 1):
                     _run_batches(writer, encoder, loader, rows, layer_ids, result, progress, console, on_batch,
                                  stop, lock)
-                    # after the batches: its cost (a padded forward) is not paid before the first one
-                    if audit_clips > 0 and "padding_audit" not in writer.extra_attrs:
-                        t_audit = time.perf_counter()
-                        _audit(writer, encoder, loader, rows, audit_clips)
-                        result.timings["audit"] = round(time.perf_counter() - t_audit, 4)
-                    if padding is not None:
-                        writer.set_attrs(padding_recipe=_padding_recipe(writer, encoder))
-                    writer.set_attrs(extraction_stats={**_stats(writer, time.perf_counter() - t0, resumed),
-                                                       "timings": result.timings})
+                    # after the batches: its cost (a padded forward) is not paid before the first
+                    # one, and it computes while the final file's layers are copied (I/O)
+                    audit = audit_clips > 0 and "padding_audit" not in writer.extra_attrs
+                    inputs = _audit_inputs(writer, encoder, loader, rows, audit_clips) if audit else None
+                    t_fin = time.perf_counter()
+                    writer.build_in_background()
                     try:
-                        t_fin = time.perf_counter()
+                        if audit:
+                            t_audit = time.perf_counter()
+                            writer.set_attrs(padding_audit=encoder.padding_audit(inputs[0], frames=inputs[1])
+                                             if inputs[0] else {})
+                            result.timings["audit"] = round(time.perf_counter() - t_audit, 4)
+                        if padding is not None:
+                            writer.set_attrs(padding_recipe=_padding_recipe(writer, encoder))
+                        writer.set_attrs(extraction_stats={**_stats(writer, time.perf_counter() - t0, resumed),
+                                                           "timings": result.timings})
+                        t_wait = time.perf_counter()
                         writer.finalize()
+                        result.timings["finalize_wait"] = round(time.perf_counter() - t_wait, 4)
                         result.timings["finalize"] = round(time.perf_counter() - t_fin, 4)
                         break
                     except PartialDamaged as exc:
                         if attempt:
                             raise
                         _note(console, f"{exc} — redoing it now")
+                    finally:
+                        writer.abandon_build()  # an error or a stop: the thread ends before we return
         except (KeyboardInterrupt, _Stopped):
             result.interrupted = True
             result.stopped_by = "SIGTERM" if stop.signum is not None else "interrupt"
@@ -705,10 +714,11 @@ def _stats(writer: StoreWriter, wall: float, resumed: bool) -> dict[str, Any]:
             "wall_seconds": round(wall, 3), "resumed": bool(resumed)}
 
 
-def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequence[Row], n: int) -> None:
-    """The padding audit of the first ``n`` clips. Their padding-exact frames are this run's, read
-    back from the committed batches when the store holds them exactly as the encoder returns them
-    (every layer, float32, no padding recipe); otherwise the encoder computes them again."""
+def _audit_inputs(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequence[Row],
+                  n: int) -> tuple[list[np.ndarray], list | None]:
+    """The padding audit's first ``n`` clips and their padding-exact frames: this run's, read back
+    from the committed batches when the store holds them exactly as the encoder returns them (every
+    layer, float32, no padding recipe); otherwise ``None`` (the encoder computes them again)."""
     clips, chosen = [], []
     for j, r in enumerate(rows):
         if len(clips) >= n:
@@ -725,8 +735,7 @@ def _audit(writer: StoreWriter, encoder: Encoder, loader: _Loader, rows: Sequenc
         frames = [writer.item_frames(j) for j in chosen]
         if any(f is None for f in frames):
             frames = None
-    audit = encoder.padding_audit(clips, frames=frames) if clips else {}
-    writer.set_attrs(padding_audit=audit)
+    return clips, frames
 
 
 def _commit_writes_here(encoder: Encoder) -> bool:

@@ -103,6 +103,53 @@ def read_into(fd: int, view: memoryview, offset: int) -> None:
         got += n
 
 
+class Source:
+    """Reads of one file, direct (``O_DIRECT``, no page-cache pages filled: the batch files are read
+    once, when the final file is built) where ``direct`` (default :func:`direct_wanted`), the read
+    is aligned and the file system takes it; plain reads otherwise and after any refusal."""
+
+    def __init__(self, path: Any, direct: bool | None = None):
+        self.fd = os.open(path, os.O_RDONLY)
+        want = direct_wanted() if direct is None else (direct and direct_wanted())
+        self.direct = bool(want) and set_direct(self.fd, True)
+
+    def read(self, view: memoryview, offset: int, n: int) -> memoryview:
+        """``n`` bytes from ``offset`` into ``view`` (a page-aligned buffer of at least ``n`` bytes
+        rounded up to :data:`DIRECT_ALIGN`); returns ``view[:n]``. ``ValueError`` if the file ends first."""
+        if n > len(view):
+            raise ValueError(f"a buffer of {len(view)} bytes cannot take {n}")
+        got = 0
+        if self.direct and offset % DIRECT_ALIGN == 0:
+            size = min(len(view), -(-n // DIRECT_ALIGN) * DIRECT_ALIGN)  # whole blocks (the file's padding)
+            while got < n:
+                try:
+                    k = os.preadv(self.fd, [view[got:size]], offset + got)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    k = -1
+                if k == 0:
+                    raise ValueError(f"file ends after {offset + got} bytes")
+                if k < 0 or (got + k < n and k % DIRECT_ALIGN):  # refused, or a short read: plainly
+                    self._plain()
+                    got += max(k, 0)
+                    break
+                got += k
+        elif self.direct:
+            self._plain()
+        if got < n:
+            read_into(self.fd, view[got:n], offset + got)
+        return view[:n]
+
+    def _plain(self) -> None:
+        if self.direct:
+            set_direct(self.fd, False)
+            self.direct = False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Sink:
     """Sequential writes to ``fd`` from ``offset`` on: :meth:`write` buffers (bytes-like or lists of
     them), :meth:`close` writes the rest. Direct where ``direct`` (default :func:`direct_wanted`),

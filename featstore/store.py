@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,9 @@ PARTIAL_LAYOUT = 1
 _RUN, _ATTRS, _FINAL, _TMP = "run.json", "attrs.json", "final.h5", ".tmp-"
 _MAGIC = b"FSBATCH1"
 _TAIL = struct.Struct("<32sQ8s")  # sha256 of the header, header length, magic
-_ALIGN = 64
+_ALIGN = 64  # the smallest block alignment (batch files of earlier versions)
+#: where new batch files start and pad each layer block: direct reads and writes need whole 4 KiB
+_BLOCK_ALIGN = rawio.DIRECT_ALIGN
 
 # ---------------------------------------------------------------------------------------------
 # Fault injection (tests): real kills at every step of the commit sequences
@@ -379,6 +382,18 @@ class _Batch:
     header: dict
 
 
+class _BuildStopped(Exception):
+    """A background build was abandoned (:meth:`StoreWriter.abandon_build`)."""
+
+
+class _DamagedBlock(Exception):
+    """A layer block failed its checksum while the final file was built (``batch``: its batch)."""
+
+    def __init__(self, batch: "_Batch"):
+        super().__init__(batch.path.name)
+        self.batch = batch
+
+
 class StoreWriter:
     """Crash-safe incremental writer of one store (see the module docstring for the mechanism).
 
@@ -397,6 +412,8 @@ class StoreWriter:
         self.extra_attrs: dict[str, Any] = {}
         self.batches: dict[int, _Batch] = {}
         self._unfinished: int | None = None  # the batch written with finish_later, not yet finished
+        self._build: tuple[threading.Thread, dict] | None = None  # build_in_background's thread, result
+        self._build_stop = threading.Event()
         #: batch files found damaged (and deleted) when the run was opened: ``(name, reason)``
         self.dropped: list[tuple[str, str]] = []
         #: ``attrs.json`` was unreadable and ignored (its reason), or ``None``
@@ -574,6 +591,8 @@ class StoreWriter:
         """
         if self._unfinished is not None:
             raise RuntimeError(f"the commit of batch {self._unfinished} is not finished")
+        if self._build is not None:
+            raise RuntimeError("the final file is being built: no batch can be committed now")
         key = max(self.batches, default=-1) + 1 if key is None else int(key)
         if key < 0 or key in self.batches:
             raise ValueError(f"batch {key} is already committed" if key >= 0 else "batch keys are >= 0")
@@ -604,8 +623,8 @@ class StoreWriter:
                                   "fields": fields, "frames": counts, "stats": dict(stats or {})}
 
         def parts() -> Iterator[Any]:
-            pos_bytes = _ALIGN
-            yield _MAGIC + b"\0" * (_ALIGN - len(_MAGIC))
+            pos_bytes = _BLOCK_ALIGN
+            yield _MAGIC + b"\0" * (_BLOCK_ALIGN - len(_MAGIC))
             for pos in range(n_layers):  # one part (one writev) per layer block
                 crc = 0
                 start = pos_bytes
@@ -617,7 +636,7 @@ class StoreWriter:
                     crc = zlib.crc32(a, crc)
                     block.append(a)
                     pos_bytes += a.nbytes
-                pad = -pos_bytes % _ALIGN
+                pad = -pos_bytes % _BLOCK_ALIGN
                 if pad:
                     block.append(b"\0" * pad)
                 if block:
@@ -742,34 +761,100 @@ class StoreWriter:
                 out[col] = np.asarray(vals, dtype=np.float64)
         return out
 
+    def build_in_background(self) -> None:
+        """Start building ``<partial>/final.h5`` (``items/`` and every layer, no root attributes
+        yet) in a thread, so that it overlaps other work (the padding audit computes while the
+        layers are copied); :meth:`finalize` waits for it, and :meth:`abandon_build` stops it.
+        Nothing may be committed meanwhile; :meth:`set_attrs` and :meth:`item_frames` may be used."""
+        if self._build is not None:
+            raise RuntimeError("a build is already running")
+        self._build_stop.clear()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                self._build_file()
+            except BaseException as exc:  # noqa: BLE001 - handed to finalize()
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name="featstore-build", daemon=True)
+        self._build = (thread, box)
+        thread.start()
+
+    def abandon_build(self) -> None:
+        """Stop a background build (if any) and wait for it; its file is rebuilt by :meth:`finalize`."""
+        if self._build is None:
+            return
+        thread, _ = self._build
+        self._build_stop.set()
+        thread.join()
+        self._build = None
+        _remove(self.dir / _FINAL)
+
     def finalize(self) -> Path:
         """Build the HDF5 file from the committed batches and move it to the final name.
 
-        The file is built as ``<partial>/final.h5`` (one sequential write per layer and batch),
-        fsynced, and renamed over ``path`` with ``os.replace``: an existing store stays intact
-        until that instant. Then the batch directory is removed. Raises :class:`PartialDamaged`
-        (after deleting the batch) when a batch file was damaged after it was verified.
+        The file is built as ``<partial>/final.h5`` (or was, by :meth:`build_in_background`: this
+        waits for it and raises its error), gets its root attributes, is fsynced, and renamed over
+        ``path`` with ``os.replace``: an existing store stays intact until that instant. Then the
+        batch directory is removed. Raises :class:`PartialDamaged` (after deleting the batch) when
+        a batch file was damaged after it was verified.
         """
+        tmp = self.dir / _FINAL
+        try:
+            if self._build is not None:
+                thread, box = self._build
+                thread.join()
+                self._build = None
+                if "error" in box:
+                    raise box["error"]
+            else:
+                self._build_file()
+        except _DamagedBlock as exc:
+            batch = exc.batch
+            _remove(batch.path)
+            del self.batches[batch.key]
+            raise PartialDamaged(f"{batch.path.name} in {self.dir} was damaged after it was committed (checksum "
+                                 "mismatch); it was deleted: run the same command again to redo that batch") from None
+        try:
+            with h5py.File(tmp, "r+") as h5:
+                for k, v in {**self.attrs, "format": FORMAT, "format_version": FORMAT_VERSION,
+                             "num_layers": len(self.dims), "dtype": str(self.dtype),
+                             "num_items": len(self.rows)}.items():
+                    h5.attrs[k] = v
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _step("final:built")
+        os.replace(tmp, self.path)
+        _step("final:replaced")
+        _fsync_dir(self.path.parent)
+        self.discard()
+        _step("final:cleaned")
+        return self.path
+
+    def _build_file(self) -> None:
+        """``<partial>/final.h5`` with ``items/`` and every layer (root attributes: :meth:`finalize`).
+
+        h5py writes ``items/`` and one contiguous dataset per layer, allocated at once (every object
+        of 4 KiB or more at a 4 KiB-aligned offset); the layers' bytes are then copied from the batch
+        files to those offsets through :class:`featstore.rawio.Sink` (direct writes), verified on
+        the way."""
         cols = self.item_columns()
         keys = sorted(self.batches)
         tmp = self.dir / _FINAL
         _remove(tmp)
         spec = self.spec
-        attrs = self.attrs
         layer_ids, dims = spec["layer_ids"], self.dims
         total = int(cols["num_frames"].sum())
         try:
-            # every object of 4 KiB or more starts at a multiple of 4 KiB: the layers' raw data
-            # are written past h5py, at their file offsets, through aligned direct writes
             with h5py.File(tmp, "w", alignment_threshold=rawio.DIRECT_ALIGN,
                            alignment_interval=rawio.DIRECT_ALIGN) as h5:
-                for k, v in attrs.items():
-                    h5.attrs[k] = v
-                h5.attrs["format"] = FORMAT
-                h5.attrs["format_version"] = FORMAT_VERSION
-                h5.attrs["num_layers"] = len(dims)
-                h5.attrs["dtype"] = str(self.dtype)
-                h5.attrs["num_items"] = len(self.rows)
                 items = h5.create_group("items")
                 for col, values in cols.items():
                     if values.dtype == object:
@@ -806,13 +891,6 @@ class StoreWriter:
         except BaseException:
             _remove(tmp)
             raise
-        _step("final:built")
-        os.replace(tmp, self.path)
-        _step("final:replaced")
-        _fsync_dir(self.path.parent)
-        self.discard()
-        _step("final:cleaned")
-        return self.path
 
     def _copy_block(self, batch: _Batch, pos: int, sink: rawio.Sink) -> int:
         """Copy layer block ``pos`` of ``batch`` to ``sink`` piece by piece, verifying its checksum;
@@ -823,24 +901,23 @@ class StoreWriter:
         check = _BlockCheck(sha)
         buf = rawio.take_buffer()
         view = memoryview(buf)
-        fd = os.open(batch.path, os.O_RDONLY)
+        src = rawio.Source(batch.path)
         try:
             done = 0
             while done < nbytes:
-                piece = view[: min(len(view), nbytes - done)]
-                rawio.read_into(fd, piece, off + done)
+                if self._build_stop.is_set():
+                    raise _BuildStopped
+                piece = src.read(view, off + done, min(len(view), nbytes - done))
                 check.update(piece)
                 sink.write(piece)
                 done += len(piece)
+                piece.release()
         finally:
-            os.close(fd)
+            src.close()
             view.release()
             rawio.give_buffer(buf)
         if not check.ok():
-            _remove(batch.path)
-            del self.batches[batch.key]
-            raise PartialDamaged(f"{batch.path.name} in {self.dir} was damaged after it was committed (checksum "
-                                 "mismatch); it was deleted: run the same command again to redo that batch")
+            raise _DamagedBlock(batch)  # dropped by finalize(), in the caller's thread
         return nbytes // (self.dims[pos] * self.dtype.itemsize)
 
     def discard(self) -> None:

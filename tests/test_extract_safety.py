@@ -587,3 +587,32 @@ def test_edited_textgrid_is_never_resumed_or_reused_with_the_old_rows(tmp_path):
     _textgrid(tmp_path / "spk2.TextGrid", [(0, 0.3, "a"), (0.3, 0.6, "s"), (0.6, 1, "z")])  # a moved boundary
     with pytest.raises(StoreMismatch, match="rows_digest"):
         extract(man, "logmel", out, **kw)
+
+
+def test_ctrl_c_during_the_audit_while_the_final_file_is_built(wavlm, clip_set, audited_reference, tmp_path,
+                                                               monkeypatch):
+    """The padding audit computes while a thread copies the layers into the final file; a Ctrl-C
+    there stops that thread before extract() returns (nothing is written after it), and the same
+    command then finishes the run to the uninterrupted store."""
+    import threading
+
+    from featstore.encoders.hf_ssl import SSLEncoder
+
+    out = tmp_path / "a.h5"
+    seen = []
+
+    def interrupted(self, clips, pad_seconds=1.0, frames=None):
+        seen.append([t.name for t in threading.enumerate() if t.name == "featstore-build"])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(SSLEncoder, "padding_audit", interrupted)
+        first = extract(clip_set, wavlm, out, batch_seconds=BATCH_SECONDS, progress=False)
+    assert seen == [["featstore-build"]]  # the build ran beside the audit
+    assert first.interrupted and not out.exists()
+    assert not [t for t in threading.enumerate() if t.name == "featstore-build"]
+    assert not (partial_path(out) / "final.h5").exists()
+    second = extract(clip_set, wavlm, out, batch_seconds=BATCH_SECONDS, progress=False)
+    assert second.ok == N_CLIPS and not second.interrupted
+    assert featstore.store.compare_stores(audited_reference, out, ignore_attrs=("created_at", "extraction_stats",
+                                                                                 "manifest")) == []

@@ -185,3 +185,84 @@ def test_positioned_short_writes_are_retried_exactly(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"----" + _flat(parts) + b"single buffer"
+
+
+def test_source_reads_the_same_bytes_direct_plain_refused_or_short(tmp_path, small_stage, monkeypatch):
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 256, 11 * A + 77, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    import mmap
+
+    buf = mmap.mmap(-1, 12 * A)
+    view = memoryview(buf)
+    cases = [(0, 4 * A), (A, 3 * A - 5), (2 * A, 9 * A + 77), (100, 2 * A)]  # aligned, odd length, to EOF, unaligned
+
+    def read_all(**kw):
+        out = []
+        for off, n in cases:
+            src = rawio.Source(tmp_path / "f", **kw)
+            try:
+                out.append(bytes(src.read(view, off, n)))
+            finally:
+                src.close()
+        return out
+
+    want = [data[off : off + n] for off, n in cases]
+    if rawio.O_DIRECT and _direct_supported(tmp_path / "probe"):
+        src = rawio.Source(tmp_path / "f")
+        assert src.direct
+        src.close()
+    assert read_all() == want
+    assert read_all(direct=False) == want
+    monkeypatch.setattr(rawio, "set_direct", lambda fd, on: True)
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:A]], off))  # short, aligned
+    assert read_all() == want
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:7]], off))  # short, unaligned
+    assert read_all() == want
+
+    state, refusals = {}, []
+
+    def set_direct(fd, on):
+        state[fd] = on
+        return True
+
+    def refused(fd, bufs, off):  # the flag is taken, direct reads are not (EINVAL)
+        if state.get(fd):
+            refusals.append(off)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(rawio, "set_direct", set_direct)
+    monkeypatch.setattr(os, "preadv", refused)
+    assert read_all() == want and len(refusals) == 3  # the three aligned cases
+    with pytest.raises(ValueError, match="file ends after"):
+        rawio.Source(tmp_path / "f").read(view, 10 * A, 2 * A)
+    view.release()
+
+
+def test_batch_files_of_earlier_versions_64_byte_blocks_still_finish(tmp_path, monkeypatch):
+    """Batch files written before the 4 KiB block alignment (blocks at 64-byte offsets) are read
+    back plainly and give the same store."""
+    from featstore import store as st
+
+    def build(out, align):
+        with monkeypatch.context() as m:
+            m.setattr(st, "_BLOCK_ALIGN", align)
+            rng = np.random.default_rng(0)
+            rows = [{"id": f"c{i}", "path": f"c{i}.wav"} for i in range(6)]
+            w = StoreWriter.create(out, rows, {"encoder": "x"}, [5, 1100])
+            for batch in ([0, 1, 2], [3, 4, 5]):
+                w.write_items([(i, {}, [rng.standard_normal((7 + i, d)).astype(np.float32) for d in (5, 1100)])
+                               for i in batch])
+            offsets = [blk[0] for b in w.batches.values() for blk in b.header["blocks"]]
+        return w, offsets
+
+    old, offsets = build(tmp_path / "old.h5", 64)
+    assert offsets[0] == 64 and any(o % A for o in offsets)
+    old = StoreWriter.resume(tmp_path / "old.h5")
+    old.finalize()
+    new, offsets = build(tmp_path / "new.h5", st._BLOCK_ALIGN)
+    assert all(o % A == 0 for o in offsets)
+    new.finalize()
+    assert st.compare_stores(tmp_path / "old.h5", tmp_path / "new.h5", ignore_attrs=("created_at",)) == []

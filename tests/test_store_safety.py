@@ -13,6 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -189,9 +190,9 @@ def _damage(out: Path, how: str) -> None:
             f.truncate(os.path.getsize(batches[1]) // 2)
     elif how == "flip-frames":
         with open(batches[0], "r+b") as f:
-            f.seek(70)
+            f.seek(st._BLOCK_ALIGN + 6)  # inside the first layer block
             b = f.read(1)
-            f.seek(70)
+            f.seek(st._BLOCK_ALIGN + 6)  # inside the first layer block
             f.write(bytes([b[0] ^ 0xFF]))
     elif how == "flip-header":
         size = os.path.getsize(batches[0])
@@ -256,7 +257,7 @@ def test_a_batch_damaged_after_verification_is_caught_when_finishing(tmp_path):
     for key, batch in enumerate(PLAN):
         w.write_items([(j, {}, frames[j]) for j in batch], key=key)
     data = bytearray(w.batches[2].path.read_bytes())
-    data[64] ^= 0xFF
+    data[st._BLOCK_ALIGN] ^= 0xFF  # the first layer block
     w.batches[2].path.write_bytes(bytes(data))
     with pytest.raises(PartialDamaged, match="b00000002.batch .* was damaged after it was committed"):
         w.finalize()
@@ -290,7 +291,7 @@ def test_batches_of_earlier_versions_sha256_blocks_still_resume(reference, tmp_p
         _as_sha256_batch(w.batches[key].path)
     if damage:  # one byte of batch 1's frames: its sha256 no longer matches
         data = bytearray(w.batches[1].path.read_bytes())
-        data[64] ^= 0xFF
+        data[st._BLOCK_ALIGN] ^= 0xFF  # the first layer block
         w.batches[1].path.write_bytes(bytes(data))
     w2 = StoreWriter.resume(out)
     assert sorted(w2.batches) == ([0] if damage else [0, 1])
@@ -411,3 +412,69 @@ def test_short_writes_are_retried_exactly(tmp_path, monkeypatch):
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == want + b"single buffer"
     assert calls and max(calls) == 3  # the empty buffer is skipped
+
+
+def _committed_writer(out: Path) -> StoreWriter:
+    rows, frames, attrs = _data()
+    w = StoreWriter.create(out, rows, attrs, DIMS, extra_columns=["sex"], plan=PLAN)
+    for key, batch in enumerate(PLAN):
+        w.write_items(_entries(batch, frames), key=key)
+    return w
+
+
+def test_a_background_build_gives_the_same_store_and_takes_later_attributes(tmp_path):
+    """build_in_background() then finalize() == finalize() alone; attributes set while the build
+    runs are in the store; no batch can be committed meanwhile; the thread is gone afterwards."""
+    plain = _committed_writer(tmp_path / "a.h5")
+    plain.set_attrs(padding_audit={"clips": 3})
+    plain.finalize()
+    w = _committed_writer(tmp_path / "b.h5")
+    w.build_in_background()
+    with pytest.raises(RuntimeError, match="being built: no batch can be committed now"):
+        w.write_items([], key=99)
+    w.set_attrs(padding_audit={"clips": 3})
+    w.finalize()
+    assert not [t for t in threading.enumerate() if t.name == "featstore-build"]
+    assert compare_stores(tmp_path / "a.h5", tmp_path / "b.h5", ignore_attrs=("created_at",)) == []
+    with h5py.File(tmp_path / "b.h5") as h5:
+        assert json.loads(h5.attrs["padding_audit"]) == {"clips": 3}
+
+
+def test_a_damaged_batch_found_by_a_background_build_is_dropped_in_the_callers_thread(tmp_path):
+    out = tmp_path / "s.h5"
+    w = _committed_writer(out)
+    data = bytearray(w.batches[2].path.read_bytes())
+    data[st._BLOCK_ALIGN] ^= 0xFF  # the first layer block
+    w.batches[2].path.write_bytes(bytes(data))
+    w.build_in_background()
+    with pytest.raises(PartialDamaged, match="b00000002.batch .* was damaged after it was committed"):
+        w.finalize()
+    assert not out.exists() and sorted(w.batches) == [0, 1, 3] and not (partial_path(out) / "final.h5").exists()
+
+
+def test_an_abandoned_build_stops_and_leaves_the_run_resumable(tmp_path, monkeypatch):
+    """abandon_build() (an error or a stop while the build runs) ends the thread mid-copy and
+    removes its file; the run then finishes to the same store."""
+    out = tmp_path / "s.h5"
+    w = _committed_writer(out)
+    started, release, steps = threading.Event(), threading.Event(), []
+
+    def hook(step):
+        steps.append(step)
+        if step == "final:items":  # the file exists, no layer copied yet
+            started.set()
+            release.wait(10)
+
+    monkeypatch.setattr(st, "fault_hook", hook)
+    w.build_in_background()
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()  # the build goes on once abandon_build() has asked it to stop
+    w.abandon_build()
+    assert steps == ["final:items"]  # stopped before the first layer was copied
+    assert not [t for t in threading.enumerate() if t.name == "featstore-build"]
+    assert not (partial_path(out) / "final.h5").exists() and not out.exists()
+    monkeypatch.setattr(st, "fault_hook", None)
+    write_store(out)
+    ref = tmp_path / "ref.h5"
+    write_store(ref)
+    assert compare_stores(ref, out, ignore_attrs=("created_at",)) == []
