@@ -312,3 +312,19 @@ def test_batches_with_different_lane_counts_share_one_pool_and_keep_no_dead_thre
     assert pools
     live = {t.ident for t in threading.enumerate()}
     assert all(set(p) <= live for p in pools)
+
+
+def test_the_weights_hash_starts_before_the_device_is_picked(tiny_models, monkeypatch):
+    """The content hash of a model directory runs in a thread beside the rest of loading; it must
+    start before ``device="auto"`` imports torch (~1 s of a cold start), not after."""
+    from pathlib import Path
+
+    from featstore.encoders import registry
+
+    order = []
+    real_resolve, real_pick = registry.resolve_pretrained, registry.pick_device
+    monkeypatch.setattr(registry, "resolve_pretrained", lambda *a, **k: (order.append("hash"), real_resolve(*a, **k))[1])
+    monkeypatch.setattr(registry, "pick_device", lambda d: (order.append("device"), real_pick(d))[1])
+    enc = registry.load_encoder(tiny_models["wavlm"], device="auto")
+    assert order == ["hash", "device"]
+    assert enc.revision == "sha256:" + registry.content_hash(Path(tiny_models["wavlm"]))

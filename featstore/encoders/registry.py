@@ -119,7 +119,6 @@ def load_encoder(name: str, device: str = "auto", random_init: int | None = None
     ``random_init=SEED``: the same architecture with seeded random weights, a control
     (:func:`randomize_weights`); a front end has no weights and raises ``ValueError``.
     """
-    device = pick_device(device)
     if random_init is not None:
         check_seed(random_init)
     if name in FRONTEND_NAMES:
@@ -129,7 +128,10 @@ def load_encoder(name: str, device: str = "auto", random_init: int | None = None
         from featstore.encoders.frontends import make_frontend
 
         return make_frontend(name, **options)
+    # the weights' content hash starts first: it reads and hashes beside torch's import (device
+    # "auto" imports torch, ~1 s), not after it
     local, revision = resolve_pretrained(name, background_hash=True)
+    device = pick_device(device)
     import json
 
     model_type = json.loads((local / "config.json").read_text()).get("model_type", "")
