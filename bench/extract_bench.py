@@ -166,23 +166,24 @@ def run_timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 
 # ------------------------------------------------------------------------------------------ Whisper
-def whisper_throughput(model_dir: Path, n: int, repeats: int = 2) -> tuple[float, float, float, int]:
+def whisper_throughput(model_dir: Path, n: int, repeats: int = 3) -> tuple[float, float, float, int, list[float]]:
     """Full-window clips/s (best of ``repeats``, one batch of ``n`` short clips), FLOPs per window
-    (the whole window's, and those computed: the last layer's queries only for the kept frames)."""
+    (the whole window's, and those computed: the last layer's queries only for the kept frames),
+    and every repeat's clips/s."""
     from featstore.encoders.registry import load_encoder
 
     enc = load_encoder(str(model_dir), device="cpu")
     rng = np.random.default_rng(1)
     clips = [(0.05 * rng.normal(size=int(rng.uniform(0.10, 0.25) * 16000))).astype(np.float32) for _ in range(n)]
     enc.encode(clips[:2])
-    best = np.inf
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
         enc.encode(clips)
-        best = min(best, time.perf_counter() - t)
+        times.append(time.perf_counter() - t)
     cfg = json.loads((model_dir / "config.json").read_text())
     keep = max(enc.num_frames(len(c)) for c in clips)  # the batch keeps its longest clip's frames
-    return n / best, whisper_flops(cfg), whisper_flops(cfg, keep), enc.positions
+    return n / min(times), whisper_flops(cfg), whisper_flops(cfg, keep), enc.positions, [n / t for t in times]
 
 
 def paired_efficiency(model_dir: Path, lengths: list[int], cfg: dict, rounds: int = 5,
@@ -403,8 +404,9 @@ def main() -> None:
         print(f"--amp {args.amp} vs float32: max abs diff {100 * d_fp32:.2f} % of the layer's largest value "
               f"(over {args.solo_check} clips, all layers)")
     if args.whisper and Path(args.whisper).is_dir():
-        cps, wf, done, pos = whisper_throughput(Path(args.whisper), args.whisper_clips)
-        print(f"Whisper {Path(args.whisper).name}, full window ({pos} positions): {cps:.2f} clips/s; "
+        cps, wf, done, pos, each = whisper_throughput(Path(args.whisper), args.whisper_clips)
+        print(f"Whisper {Path(args.whisper).name}, full window ({pos} positions): {cps:.2f} clips/s (best of "
+              f"{len(each)} batches of {args.whisper_clips} clips: {', '.join(f'{c:.2f}' for c in each)}); "
               f"{wf / 1e9:.1f} GFLOP per window, {done / 1e9:.1f} computed (the last layer's queries only for the "
               f"stored frames) -> {cps * done / 1e9:.0f} GFLOP/s computed = {100 * cps * done / 1e9 / mm:.0f} % of the "
               f"matmul rate ({load_text()})")
