@@ -18,8 +18,8 @@ of the batch loop as a fraction of the matrix-product rate (and, robust to the h
 encode of one batch paired round by round with the products for as long, in this process, with
 the A/B of the single-thread lanes against one call on all threads), the max abs difference to
 solo runs,
-and Whisper full-window clips/s with its FLOPs per window (``--whisper DIR``; default the shared
-tiny.en when present). Load averages beside every figure: compare ratios within one run.
+and Whisper full-window clips/s with its FLOPs per window, in a process of its own (``--whisper DIR``;
+default the shared tiny.en when present). Load averages beside every figure: compare ratios within one run.
 
     python bench/extract_bench.py --n 1000
     python bench/extract_bench.py --lanes-ab 60 15 5 --rounds 8    # only the lanes' A/B
@@ -290,9 +290,13 @@ def main() -> None:
     ap.add_argument("--lanes-ab", type=float, nargs="+", metavar="SECONDS",
                     help="only the single-thread lanes' A/B: for each batch size, --rounds paired rounds")
     ap.add_argument("--padded-child", nargs=3, metavar=("MODEL", "MANIFEST", "PAD"), help=argparse.SUPPRESS)
+    ap.add_argument("--whisper-child", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.padded_child:
         padded_recipe_main(args.padded_child[0], args.padded_child[1], float(args.padded_child[2]))
+        return
+    if args.whisper_child:  # a fresh process, as `featstore extract --model whisper-...` would be
+        print(json.dumps(whisper_throughput(Path(args.whisper_child), args.whisper_clips)))
         return
 
     import torch
@@ -404,8 +408,11 @@ def main() -> None:
         print(f"--amp {args.amp} vs float32: max abs diff {100 * d_fp32:.2f} % of the layer's largest value "
               f"(over {args.solo_check} clips, all layers)")
     if args.whisper and Path(args.whisper).is_dir():
-        cps, wf, done, pos, each = whisper_throughput(Path(args.whisper), args.whisper_clips)
-        print(f"Whisper {Path(args.whisper).name}, full window ({pos} positions): {cps:.2f} clips/s (best of "
+        child = subprocess.run([sys.executable, __file__, "--whisper-child", args.whisper, "--whisper-clips",
+                                str(args.whisper_clips)], capture_output=True, text=True, check=True)
+        cps, wf, done, pos, each = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"Whisper {Path(args.whisper).name}, full window ({pos} positions), in a process of its own: "
+              f"{cps:.2f} clips/s (best of "
               f"{len(each)} batches of {args.whisper_clips} clips: {', '.join(f'{c:.2f}' for c in each)}); "
               f"{wf / 1e9:.1f} GFLOP per window, {done / 1e9:.1f} computed (the last layer's queries only for the "
               f"stored frames) -> {cps * done / 1e9:.0f} GFLOP/s computed = {100 * cps * done / 1e9 / mm:.0f} % of the "
