@@ -154,14 +154,22 @@ class Sink:
     """Sequential writes to ``fd`` from ``offset`` on: :meth:`write` buffers (bytes-like or lists of
     them), :meth:`close` writes the rest. Direct where ``direct`` (default :func:`direct_wanted`),
     ``offset`` is aligned and the file system takes it; on a refusal (``EINVAL``) or a short direct
-    write the rest goes through the page cache. Not thread-safe: one sink per file at a time."""
+    write the rest goes through the page cache. ``background``: the direct writes of full buffers
+    run in a thread of their own (at most two in flight) while the caller fills the next one; call
+    :meth:`wait` (or :meth:`release`) before using or closing ``fd``. One sink per file at a time."""
 
-    def __init__(self, fd: int, offset: int = 0, direct: bool | None = None):
+    def __init__(self, fd: int, offset: int = 0, direct: bool | None = None, background: bool = False):
         self.fd, self.offset, self.fill = fd, int(offset), 0
         want = direct_wanted() if direct is None else (direct and direct_wanted())
         self.direct = bool(want) and self.offset % DIRECT_ALIGN == 0 and set_direct(fd, True)
         self.buf = take_buffer() if self.direct else None
         self.view = memoryview(self.buf) if self.buf is not None else None
+        self._pending: list[Any] = []
+        self._pool = None
+        if background and self.direct:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featstore-write")
 
     def write(self, data: Any) -> None:
         if self.view is None:  # plain: straight from the caller's buffers
@@ -178,44 +186,80 @@ class Sink:
                     self._drain()
 
     def _drain(self) -> None:
-        """Write the staged bytes: the aligned part direct (while direct works), the rest plainly."""
-        n = self.fill // DIRECT_ALIGN * DIRECT_ALIGN if self.direct else 0
-        done = 0
-        while done < n:
+        """Write the staged bytes (here, or handed to the write thread with the buffer)."""
+        buf, view, n, at = self.buf, self.view, self.fill, self.offset
+        self.offset += n
+        self.fill = 0
+        if self._pool is None:
+            self._put(view, n, at)
+            return
+        if len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self.buf = take_buffer()
+        self.view = memoryview(self.buf)
+
+        def job() -> None:
             try:
-                got = os.pwrite(self.fd, self.view[done:n], self.offset)
+                self._put(view, n, at)
+            finally:
+                view.release()
+                give_buffer(buf)
+
+        self._pending.append(self._pool.submit(job))
+
+    def _put(self, view: memoryview, n: int, at: int) -> None:
+        """``view[:n]`` at ``at``: the aligned part direct (while direct works), the rest plainly."""
+        m = n // DIRECT_ALIGN * DIRECT_ALIGN if self.direct else 0
+        done = 0
+        while done < m:
+            try:
+                got = os.pwrite(self.fd, view[done:m], at + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 got = 0
             if got <= 0 or got % DIRECT_ALIGN:  # refused or short: through the page cache from here
                 self._plain()
-                if got > 0:
-                    done += got
-                    self.offset += got
+                done += max(got, 0)
                 break
             done += got
-            self.offset += got
-        if done < self.fill:
+        if done < n:
             self._plain()
-            self.offset += write_all(self.fd, self.view[done : self.fill], self.offset)
-        self.fill = 0
+            write_all(self.fd, view[done:n], at + done)
 
     def _plain(self) -> None:
         if self.direct:
             set_direct(self.fd, False)
             self.direct = False
 
-    def close(self) -> None:
-        """Write what is staged, give the buffer back; the file descriptor stays open (plain)."""
+    def close(self, wait: bool = True) -> None:
+        """Write what is staged; with ``wait`` also wait for the writes and give the buffer back
+        (else call :meth:`wait` later). The file descriptor stays open (plain)."""
         try:
             if self.view is not None and self.fill:
                 self._drain()
+        except BaseException:
+            self.release()
+            raise
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the background writes (the first error is raised), then :meth:`release`."""
+        try:
+            while self._pending:
+                self._pending.pop(0).result()
         finally:
             self.release()
 
     def release(self) -> None:
-        """Give the buffer back without writing (after an error)."""
+        """Wait for writes in flight (their errors ignored), give the buffer back (after an error)."""
+        for fut in self._pending:
+            fut.exception()
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._plain()
         if self.buf is not None:
             self.view.release()

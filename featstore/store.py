@@ -219,11 +219,12 @@ def _write_then_finish(path: Path, parts: Iterable[Any], prefix: str, durable: b
     sink = None
     try:
         _step(f"{prefix}:opened")
-        sink = rawio.Sink(fd, 0, direct=direct)
+        # direct: the waits for the disk run in a write thread, and the last ones in finish()
+        sink = rawio.Sink(fd, 0, direct=direct, background=direct)
         for part in parts:
             sink.write(part)
             _step(f"{prefix}:part")
-        sink.close()
+        sink.close(wait=False)
     except BaseException:
         if sink is not None:
             sink.release()
@@ -232,9 +233,11 @@ def _write_then_finish(path: Path, parts: Iterable[Any], prefix: str, durable: b
 
     def finish() -> None:
         try:
+            sink.wait()  # an error of a background write is raised here
             if durable:
                 os.fsync(fd)
         finally:
+            sink.release()
             os.close(fd)
         _step(f"{prefix}:synced")
         os.replace(tmp, path)

@@ -48,28 +48,31 @@ def _direct_supported(path) -> bool:
         os.remove(path)
 
 
-def _write(path, parts, offset=0, prefix=b""):
+def _write(path, parts, offset=0, prefix=b"", background=False):
     with open(path, "wb") as f:
         f.write(prefix)
     fd = os.open(path, os.O_WRONLY)
     try:
-        sink = rawio.Sink(fd, offset)
+        sink = rawio.Sink(fd, offset, background=background)
         used = sink.direct
         for p in parts:
             sink.write(p)
-        sink.close()
+        sink.close(wait=not background)
+        if background:
+            sink.wait()
         still_direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & rawio.O_DIRECT)
     finally:
         os.close(fd)
     return used, still_direct
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "write-thread"])
 @pytest.mark.parametrize("offset", [0, 2 * A])
-def test_sink_writes_the_same_bytes_direct(tmp_path, small_stage, offset):
+def test_sink_writes_the_same_bytes_direct(tmp_path, small_stage, offset, background):
     if not rawio.O_DIRECT or not _direct_supported(tmp_path / "probe"):
         pytest.skip("no O_DIRECT on this file system")
     parts = _parts()
-    used, still = _write(tmp_path / "f", parts, offset, prefix=b"\xff" * offset)
+    used, still = _write(tmp_path / "f", parts, offset, prefix=b"\xff" * offset, background=background)
     assert used and not still  # direct while writing, plain again once closed
     assert (tmp_path / "f").read_bytes() == b"\xff" * offset + _flat(parts)
 
@@ -84,7 +87,8 @@ def test_sink_is_plain_at_an_unaligned_offset_or_when_turned_off(tmp_path, small
     assert not used and (tmp_path / "o").read_bytes() == _flat(parts)
 
 
-def test_sink_falls_back_when_direct_writes_are_refused(tmp_path, small_stage, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "write-thread"])
+def test_sink_falls_back_when_direct_writes_are_refused(tmp_path, small_stage, monkeypatch, background):
     """A file system that takes the flag but refuses the write (EINVAL): the same bytes, plainly."""
     monkeypatch.setattr(rawio, "set_direct", lambda fd, on: True)
     real = os.pwrite
@@ -98,12 +102,13 @@ def test_sink_falls_back_when_direct_writes_are_refused(tmp_path, small_stage, m
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     parts = _parts(2)
-    _write(tmp_path / "f", parts)
+    _write(tmp_path / "f", parts, background=background)
     assert refused and (tmp_path / "f").read_bytes() == _flat(parts)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "write-thread"])
 @pytest.mark.parametrize("short", [A, 5], ids=["aligned", "unaligned"])
-def test_sink_finishes_short_direct_writes(tmp_path, small_stage, monkeypatch, short):
+def test_sink_finishes_short_direct_writes(tmp_path, small_stage, monkeypatch, short, background):
     monkeypatch.setattr(rawio, "set_direct", lambda fd, on: True)
     real = os.pwrite
     calls = []
@@ -114,7 +119,7 @@ def test_sink_finishes_short_direct_writes(tmp_path, small_stage, monkeypatch, s
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     parts = _parts(3)
-    _write(tmp_path / "f", parts)
+    _write(tmp_path / "f", parts, background=background)
     assert max(calls) > short and (tmp_path / "f").read_bytes() == _flat(parts)
 
 
@@ -134,6 +139,39 @@ def test_other_errors_are_raised_and_the_buffer_comes_back(tmp_path, small_stage
     finally:
         os.close(fd)
     assert len(rawio._pool) == 1
+
+
+def test_a_background_write_error_is_raised_by_wait_and_nothing_is_left_running(tmp_path, small_stage,
+                                                                                  monkeypatch):
+    import threading
+
+    monkeypatch.setattr(rawio, "set_direct", lambda fd, on: True)
+    real = os.pwrite
+    writes = []
+
+    def pwrite(fd, data, offset):
+        writes.append(offset)
+        if len(writes) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    taken = []
+    real_take = rawio.take_buffer
+    monkeypatch.setattr(rawio, "take_buffer", lambda: taken.append(real_take()) or taken[-1])
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        sink = rawio.Sink(fd, background=True)
+        with pytest.raises(OSError, match="Input/output error"):  # raised by the next write or by wait()
+            sink.write(b"x" * (13 * A))  # three full buffers handed to the write thread, one staged
+            sink.close(wait=False)
+            sink.wait()
+        sink.release()
+    finally:
+        os.close(fd)
+    assert not [t for t in threading.enumerate() if t.name.startswith("featstore-write")]
+    made = {id(b) for b in taken}  # (a buffer given back is taken again)
+    assert len(taken) >= 3 and len(made) >= 2 and {id(b) for b in rawio._pool} == made  # every one came back
 
 
 def test_finished_layers_are_contiguous_aligned_and_exact(tmp_path, small_stage):
