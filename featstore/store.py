@@ -190,6 +190,14 @@ def _loads(data: bytes) -> Any:
 _write_all = rawio.write_all
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -825,11 +833,7 @@ class StoreWriter:
                              "num_layers": len(self.dims), "dtype": str(self.dtype),
                              "num_items": len(self.rows)}.items():
                     h5.attrs[k] = v
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(tmp)
         except BaseException:
             _remove(tmp)
             raise
