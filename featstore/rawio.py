@@ -81,7 +81,10 @@ def write_all(fd: int, data: Any, offset: int | None = None) -> int:
         if offset is None:
             n = os.writev(fd, chunk) if len(chunk) > 1 else os.write(fd, chunk[0])
         else:
-            n = os.pwritev(fd, chunk, offset) if len(chunk) > 1 else os.pwrite(fd, chunk[0], offset)
+            if len(chunk) > 1 and hasattr(os, "pwritev"):  # (macOS has no pwritev: one buffer at a time)
+                n = os.pwritev(fd, chunk, offset)
+            else:
+                n = os.pwrite(fd, chunk[0], offset)
             offset += n
         while n and i < len(views):  # skip what was written; keep the rest of a partly written buffer
             if n >= len(views[i]):
@@ -93,11 +96,21 @@ def write_all(fd: int, data: Any, offset: int | None = None) -> int:
     return total
 
 
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """One read into ``view`` at ``offset``; the bytes read (``preadv`` where the platform has it,
+    ``pread`` and a copy elsewhere, e.g. macOS)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
+
+
 def read_into(fd: int, view: memoryview, offset: int) -> None:
     """Fill ``view`` from ``offset`` on (``ValueError`` when the file ends first)."""
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
+        n = pread_into(fd, view[got:], offset + got)
         if n == 0:
             raise ValueError(f"file ends after {offset + got} bytes")
         got += n
@@ -123,7 +136,7 @@ class Source:
             size = min(len(view), -(-n // DIRECT_ALIGN) * DIRECT_ALIGN)  # whole blocks (the file's padding)
             while got < n:
                 try:
-                    k = os.preadv(self.fd, [view[got:size]], offset + got)
+                    k = pread_into(self.fd, view[got:size], offset + got)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise

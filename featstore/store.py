@@ -317,13 +317,7 @@ def _remove(path: Path) -> None:
 
 def _pread(fd: int, offset: int, size: int) -> bytearray:
     buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            raise ValueError(f"file ends after {offset + got} bytes")
-        got += n
+    rawio.read_into(fd, memoryview(buf), offset)
     return buf
 
 

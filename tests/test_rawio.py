@@ -304,3 +304,37 @@ def test_batch_files_of_earlier_versions_64_byte_blocks_still_finish(tmp_path, m
     assert all(o % A == 0 for o in offsets)
     new.finalize()
     assert st.compare_stores(tmp_path / "old.h5", tmp_path / "new.h5", ignore_attrs=("created_at",)) == []
+
+
+def test_platforms_without_preadv_and_pwritev_write_and_read_the_same_bytes(tmp_path, small_stage, monkeypatch):
+    """macOS has neither ``os.preadv`` nor ``os.pwritev`` (nor ``O_DIRECT``): the plain paths and a
+    whole store still work there."""
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "pwritev", raising=False)
+    monkeypatch.setattr(rawio, "O_DIRECT", 0)
+    parts = [q for p in _parts(5) for q in (p if isinstance(p, list) else [p])]
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"--")
+    fd = os.open(tmp_path / "f", os.O_WRONLY)
+    try:
+        rawio.write_all(fd, parts, 2)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"--" + _flat(parts)
+    import mmap
+
+    view = memoryview(mmap.mmap(-1, 2 * A))
+    src = rawio.Source(tmp_path / "f")
+    assert not src.direct and bytes(src.read(view, 2, A + 3)) == _flat(parts)[: A + 3]
+    src.close()
+    rng = np.random.default_rng(1)
+    rows = [{"id": f"c{i}", "path": f"c{i}.wav"} for i in range(4)]
+    w = StoreWriter.create(tmp_path / "s.h5", rows, {"encoder": "x"}, [700])
+    frames = {i: rng.standard_normal((5 + i, 700)).astype(np.float32) for i in range(4)}
+    w.write_items([(i, {}, [frames[i]]) for i in (0, 1)])
+    w.write_items([(i, {}, [frames[i]]) for i in (2, 3)])
+    w = StoreWriter.resume(tmp_path / "s.h5")  # verifies the batch files by reading them back
+    w.finalize()
+    with open_store(tmp_path / "s.h5") as s:
+        for i in range(4):
+            np.testing.assert_array_equal(s.frames(i, 0), frames[i])
