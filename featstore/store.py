@@ -793,6 +793,7 @@ class StoreWriter:
         thread, _ = self._build
         self._build_stop.set()
         thread.join()
+        self._build_stop.clear()  # a later build (or finalize) runs to its end
         self._build = None
         _remove(self.dir / _FINAL)
 
