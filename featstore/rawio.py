@@ -116,15 +116,30 @@ def read_into(fd: int, view: memoryview, offset: int) -> None:
         got += n
 
 
-class Source:
+class _DirectFd:
+    """A file descriptor read or written direct while that works (``self.direct``), plainly after."""
+
+    fd: int
+    direct: bool
+
+    def _start(self, fd: int, direct: bool | None, aligned: bool = True) -> None:
+        self.fd = fd
+        want = direct_wanted() if direct is None else (direct and direct_wanted())
+        self.direct = bool(want) and aligned and set_direct(fd, True)
+
+    def _plain(self) -> None:
+        if self.direct:
+            set_direct(self.fd, False)
+            self.direct = False
+
+
+class Source(_DirectFd):
     """Reads of one file, direct (``O_DIRECT``, no page-cache pages filled: the batch files are read
     once, when the final file is built) where ``direct`` (default :func:`direct_wanted`), the read
     is aligned and the file system takes it; plain reads otherwise and after any refusal."""
 
     def __init__(self, path: Any, direct: bool | None = None):
-        self.fd = os.open(path, os.O_RDONLY)
-        want = direct_wanted() if direct is None else (direct and direct_wanted())
-        self.direct = bool(want) and set_direct(self.fd, True)
+        self._start(os.open(path, os.O_RDONLY), direct)
 
     def read(self, view: memoryview, offset: int, n: int) -> memoryview:
         """``n`` bytes from ``offset`` into ``view`` (a page-aligned buffer of at least ``n`` bytes
@@ -154,16 +169,11 @@ class Source:
             read_into(self.fd, view[got:n], offset + got)
         return view[:n]
 
-    def _plain(self) -> None:
-        if self.direct:
-            set_direct(self.fd, False)
-            self.direct = False
-
     def close(self) -> None:
         os.close(self.fd)
 
 
-class Sink:
+class Sink(_DirectFd):
     """Sequential writes to ``fd`` from ``offset`` on: :meth:`write` buffers (bytes-like or lists of
     them), :meth:`close` writes the rest. Direct where ``direct`` (default :func:`direct_wanted`),
     ``offset`` is aligned and the file system takes it; on a refusal (``EINVAL``) or a short direct
@@ -172,9 +182,8 @@ class Sink:
     :meth:`wait` (or :meth:`release`) before using or closing ``fd``. One sink per file at a time."""
 
     def __init__(self, fd: int, offset: int = 0, direct: bool | None = None, background: bool = False):
-        self.fd, self.offset, self.fill = fd, int(offset), 0
-        want = direct_wanted() if direct is None else (direct and direct_wanted())
-        self.direct = bool(want) and self.offset % DIRECT_ALIGN == 0 and set_direct(fd, True)
+        self.offset, self.fill = int(offset), 0
+        self._start(fd, direct, aligned=self.offset % DIRECT_ALIGN == 0)
         self.buf = take_buffer() if self.direct else None
         self.view = memoryview(self.buf) if self.buf is not None else None
         self._pending: list[Any] = []
@@ -239,11 +248,6 @@ class Sink:
         if done < n:
             self._plain()
             write_all(self.fd, view[done:n], at + done)
-
-    def _plain(self) -> None:
-        if self.direct:
-            set_direct(self.fd, False)
-            self.direct = False
 
     def close(self, wait: bool = True) -> None:
         """Write what is staged; with ``wait`` also wait for the writes and give the buffer back

@@ -282,10 +282,29 @@ def _read_record(path: Path, kind: str) -> Any:
 _CRC = "crc32:%08x"
 
 
-def _block_ok(data: Any, expected: str) -> bool:
-    """Whether a layer block matches its checksum (``crc32:`` or, files of earlier versions, sha256)."""
+def _scan_block(src: rawio.Source, off: int, nbytes: int, expected: str,
+                on_piece: Callable[[memoryview], None] | None = None,
+                stop: Any = None) -> bool:
+    """Read one layer block piece by piece through a reused buffer and check it against its checksum
+    (``crc32:`` or, files of earlier versions, sha256); ``on_piece`` gets each piece (the final file's
+    copy), ``stop`` (an Event) ends the scan early with :class:`_BuildStopped`. Whether it matches."""
     check = _BlockCheck(expected)
-    check.update(data)
+    buf = rawio.take_buffer()
+    view = memoryview(buf)
+    try:
+        done = 0
+        while done < nbytes:
+            if stop is not None and stop.is_set():
+                raise _BuildStopped
+            piece = src.read(view, off + done, min(len(view), nbytes - done))
+            check.update(piece)
+            if on_piece is not None:
+                on_piece(piece)
+            done += len(piece)
+            piece.release()
+    finally:
+        view.release()
+        rawio.give_buffer(buf)
     return check.ok()
 
 
@@ -672,8 +691,10 @@ class StoreWriter:
         size = f.stat().st_size
         if size < _ALIGN + _TAIL.size:
             raise ValueError(f"truncated ({size} bytes)")
-        fd = os.open(f, os.O_RDONLY)
+        fd = os.open(f, os.O_RDONLY)  # the header's small reads; the blocks through a Source (direct)
+        src = None
         try:
+            src = rawio.Source(f)
             if bytes(_pread(fd, 0, len(_MAGIC))) != _MAGIC:
                 raise ValueError("not a batch file")
             digest, hlen, magic = _TAIL.unpack(bytes(_pread(fd, size - _TAIL.size, _TAIL.size)))
@@ -699,9 +720,11 @@ class StoreWriter:
             for pos, (off, nbytes, sha) in enumerate(header["blocks"]):
                 if nbytes != total * self.dims[pos] * self.dtype.itemsize or off + nbytes > header["data_end"]:
                     raise ValueError(f"layer block {pos} has the wrong size")
-                if not _block_ok(_pread(fd, off, nbytes), sha):
+                if not _scan_block(src, off, nbytes, sha):
                     raise ValueError(f"checksum mismatch in layer block {pos}")
         finally:
+            if src is not None:
+                src.close()
             os.close(fd)
         return key, header
 
@@ -900,25 +923,12 @@ class StoreWriter:
         off, nbytes, sha = batch.header["blocks"][pos]
         if not nbytes:
             return 0
-        check = _BlockCheck(sha)
-        buf = rawio.take_buffer()
-        view = memoryview(buf)
         src = rawio.Source(batch.path)
         try:
-            done = 0
-            while done < nbytes:
-                if self._build_stop.is_set():
-                    raise _BuildStopped
-                piece = src.read(view, off + done, min(len(view), nbytes - done))
-                check.update(piece)
-                sink.write(piece)
-                done += len(piece)
-                piece.release()
+            ok = _scan_block(src, off, nbytes, sha, on_piece=sink.write, stop=self._build_stop)
         finally:
             src.close()
-            view.release()
-            rawio.give_buffer(buf)
-        if not check.ok():
+        if not ok:
             raise _DamagedBlock(batch)  # dropped by finalize(), in the caller's thread
         return nbytes // (self.dims[pos] * self.dtype.itemsize)
 
