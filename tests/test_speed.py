@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.encoders.hf_ssl import (SSLEncoder, _pos_conv_cropped, fast_transformer, gemm_cnn, gemm_cnn_supported,
+from featstore.encoders.hf_ssl import (SSLEncoder, _pos_conv_cropped, cnn_slots, fast_transformer, gemm_cnn, gemm_cnn_supported,
                                        masked_group_norm_cnn, pos_conv_croppable, wavlm_attention_fast,
                                        wavlm_attention_swappable)
 from tests.conftest import save_tiny
@@ -45,6 +45,46 @@ def test_gemm_cnn_equals_the_feature_encoder_on_each_clip_alone(tiny_models, bia
         if enc.group_norm_cnn:
             masked, _ = masked_group_norm_cnn(fe, waves)
             assert max(float((o - masked[i, :, :c]).abs().max()) for i, (o, c) in enumerate(zip(out, counts))) <= 1e-5
+
+
+def test_cnn_slots_hold_what_each_clip_frames_read_and_no_more(tiny_models):
+    """Clips packed end to end: each slot starts on a whole row of every layer (a multiple of the
+    total stride, 320) and holds the samples its frames read, (frames - 1) * 320 + 400, rounded up
+    -- not the batch's longest clip (a batch of one 1-s clip and short ones computed ~10 % more
+    CNN rows than the clips alone)."""
+    layers = list(SSLEncoder(tiny_models["wavlm"]).model.feature_extractor.conv_layers)
+    sizes = [16000, 399, 400, 719, 720, 1040, 2400, 3333]
+    offsets, slots, frames = cnn_slots(layers, sizes)
+    assert frames == [0 if n < 400 else (n - 400) // 320 + 1 for n in sizes] == [49, 0, 1, 1, 2, 3, 7, 10]
+    assert slots == [16000, 0, 640, 640, 960, 1280, 2560, 3520]
+    for f, slot in zip(frames, slots):
+        assert slot % 320 == 0 and (f == 0) == (slot == 0)
+        assert f == 0 or (f - 1) * 320 + 400 <= slot < (f - 1) * 320 + 400 + 320
+    assert offsets == [0, 16000, 16000, 16640, 17280, 18240, 19520, 22080]
+    assert sum(slots) < len(sizes) * 16000 / 3
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "wav2vec2-layer"])
+def test_gemm_cnn_packed_clips_read_neither_their_neighbours_nor_lose_their_tails(tiny_models, kind):
+    """Loud clips beside quiet ones, and tails (samples no frame reads) far louder than the rest:
+    each clip's frames still equal its solo run -- a clip's rows never read the next slot, and the
+    first layer's group norm still spans the whole clip, tail included (the tail moves its mean
+    and variance)."""
+    fe = SSLEncoder(tiny_models[kind]).model.feature_extractor
+    rng = np.random.default_rng(5)
+    sizes = [2400, 719, 3333, 1040, 2550, 400]
+    waves = []
+    for i, n in enumerate(sizes):
+        w = (0.01 if i % 2 else 5.0) * rng.normal(size=n)
+        used = ((n - 400) // 320) * 320 + 400
+        w[used:] = 40.0 * rng.normal(size=n - used) + 3.0  # read by no frame; in the group norm's statistics
+        waves.append(torch.from_numpy(w.astype(np.float32)))
+    with torch.inference_mode():
+        out, counts = gemm_cnn(fe, waves)
+        for w, o in zip(waves, out):
+            solo = fe(w[None])[0]
+            assert o.shape == solo.shape
+            assert float((o - solo).abs().max()) <= 1e-5 * max(1.0, float(solo.abs().max()))
 
 
 def test_gemm_cnn_gradients_equal_conv1d(tiny_models):

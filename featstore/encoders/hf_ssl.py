@@ -192,104 +192,130 @@ def _activation(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return act(h)
 
 
+def cnn_slots(layers: Sequence[nn.Module], lengths: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """Where :func:`gemm_cnn` lays each clip: ``(offsets, slots, frames)`` in samples and frames.
+
+    A clip's frames read only its first ``(frames - 1) * stride + receptive_field`` samples (the
+    rest of a short clip, up to a stride's worth, feeds no frame); its slot is that span rounded up
+    to the total stride, so every clip starts on a whole row of every layer, and the slots lie end
+    to end (a clip without frames gets none). Rows a layer computes past a clip's last useful one
+    read the next slot: they are scratch, never returned."""
+    total_stride, rf = 1, 1
+    for m in reversed(list(layers)):
+        rf = (rf - 1) * m.conv.stride[0] + m.conv.kernel_size[0]
+    for m in layers:
+        total_stride *= m.conv.stride[0]
+    frames = []
+    for n in lengths:
+        for m in layers:
+            n = max(0, (n - m.conv.kernel_size[0]) // m.conv.stride[0] + 1)
+        frames.append(int(n))
+    slots = [-(-((f - 1) * total_stride + rf) // total_stride) * total_stride if f > 0 else 0 for f in frames]
+    offsets = [0] * len(slots)
+    for b in range(1, len(slots)):
+        offsets[b] = offsets[b - 1] + slots[b - 1]
+    return offsets, slots, frames
+
+
 def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     """The CNN feature encoder as matrix products, exact per clip: each clip's frames ``(C, n)``.
 
-    Channels-last throughout: the clips are laid end to end, each padded to a multiple of the total
-    stride, so every layer is one ``(rows, k * C_in) @ (k * C_in, C_out)`` product over a strided
-    view of the previous layer's rows (im2col without a copy where ``k <= stride``). Clip ``b``'s
-    rows start at ``b * pitch`` in every layer, and its valid outputs read only its own valid
-    inputs (rows past them are scratch and are never returned). The first layer's GroupNorm (one
-    group per channel: each channel normalised over the clip's time) is folded into that layer's
-    weights per clip: the conv output's per-channel mean and variance over the clip's valid frames
-    follow from the mean and covariance of its raw-sample windows (float64), so the layer is one
-    batched product with per-clip weights. Equal to :func:`masked_group_norm_cnn` and to each clip
-    run alone to ~1e-6. Returns the frames as views (``(C, n)``, transposed) and the counts.
+    Channels-last throughout: the clips are packed end to end, each in a slot of the samples its
+    frames read rounded up to the total stride (:func:`cnn_slots`), so every layer is one
+    ``(rows, k * C_in) @ (k * C_in, C_out)`` product over a strided view of the previous layer's
+    rows (im2col without a copy where ``k <= stride``), and a clip's valid outputs read only its own
+    samples. The first layer's GroupNorm (one group per channel: each channel normalised over the
+    clip's time, all its samples) is folded into that layer's weights per clip: the conv output's
+    per-channel mean and variance over the clip's valid frames follow from the mean and covariance
+    of its raw-sample windows (float64), so the layer is a product per clip with its own weights.
+    Equal to :func:`masked_group_norm_cnn` and to each clip run alone to ~1e-6. Returns the frames
+    as views (``(C, n)``, transposed) and the counts.
     """
     layers = list(feature_encoder.conv_layers)
-    device = waves[0].device
-    total_stride = 1
-    for m in layers:
-        total_stride *= m.conv.stride[0]
+    device, dtype = waves[0].device, waves[0].dtype
     lengths = [int(len(w)) for w in waves]
-    pitch = -(-max(lengths) // total_stride) * total_stride
-    k0, s0 = layers[0].conv.kernel_size[0], layers[0].conv.stride[0]
-    flat = torch.zeros(len(waves) * pitch + k0 + s0, dtype=waves[0].dtype, device=device)
-    for b, w in enumerate(waves):
-        flat[b * pitch : b * pitch + len(w)] = w
-    counts = list(lengths)
-    h = None
+    offsets, slots, counts = cnn_slots(layers, lengths)
+    total = offsets[-1] + slots[-1]
+    first = layers[0].conv
+    k0, s0, c0 = first.kernel_size[0], first.stride[0], first.out_channels
+    flat = torch.zeros(total + k0 + s0, dtype=dtype, device=device)
+    for w, off, slot in zip(waves, offsets, slots):
+        flat[off : off + min(len(w), slot)] = w[:slot]
     reuse = scratch_ok(flat)
-    for i, layer in enumerate(layers):
-        conv = layer.conv
-        k, s = conv.kernel_size[0], conv.stride[0]
-        counts = [max(0, (n - k) // s + 1) for n in counts]
-        norm = getattr(layer, "layer_norm", None)
-        if i == 0:
-            rows_per_clip = pitch // s
-            patches = flat.as_strided((len(waves), rows_per_clip, k), (pitch, s, 1)).contiguous()  # (B, P0, k)
-            w0 = conv.weight.reshape(conv.out_channels, k)  # (C, k)
-            if isinstance(norm, nn.GroupNorm):
-                buf = (scratch(feature_encoder, "cnn0", patches.shape[0] * rows_per_clip, conv.out_channels, patches)
-                       if reuse and len(layers) > 1 else None)
-                h = _group_norm_folded_first_layer(patches, counts, w0, conv.bias, norm, out=buf)
+    rows = total // s0
+    norm = getattr(layers[0], "layer_norm", None)
+    live = [b for b, slot in enumerate(slots) if slot]
+    if isinstance(norm, nn.GroupNorm) and live:
+        weff, shift = _group_norm_fold([waves[b] for b in live], first, norm)
+        buf = scratch(feature_encoder, "cnn0", rows, c0, flat) if reuse and len(layers) > 1 else None
+        parts = []
+        for j, b in enumerate(live):
+            r0, r1 = offsets[b] // s0, (offsets[b] + slots[b]) // s0
+            view = flat.as_strided((r1 - r0, k0), (s0, 1), offsets[b])
+            if buf is not None:  # the product into the buffer, then the shift in place
+                torch.mm(view, weff[j], out=buf[r0:r1]).add_(shift[j])
             else:
-                h = patches.reshape(-1, k) @ w0.t()
-                if conv.bias is not None:
-                    h = h + conv.bias
-            h = h.reshape(-1, conv.out_channels)
-            pitch_rows = rows_per_clip
-        else:
-            pitch_rows //= s
-            # rows past the end of the last clip's scratch are not computed (never valid)
-            rows = min(len(waves) * pitch_rows, (h.shape[0] - k) // s + 1)
+                parts.append(torch.addmm(shift[j], view, weff[j]))
+        h = buf if buf is not None else torch.cat(parts)
+    else:
+        h = flat.as_strided((rows, k0), (s0, 1)).contiguous() @ first.weight.reshape(c0, k0).t()
+        if first.bias is not None:
+            h = h + first.bias
+    stride = s0
+    for i, layer in enumerate(layers):
+        if i:
+            conv = layer.conv
+            k, s = conv.kernel_size[0], conv.stride[0]
+            stride *= s
+            # rows past the end of the last slot's scratch are not computed (never valid)
+            rows = min(total // stride, (h.shape[0] - k) // s + 1)
             # intermediate layers write into reused buffers (ping-pong); the last one, whose rows
             # are returned, into fresh memory
             buf = (scratch(feature_encoder, f"cnn{i % 2}", rows, conv.out_channels, h)
                    if reuse and i < len(layers) - 1 else None)
             h = _strided_conv_gemm(h, rows, k, s, _gemm_weight(conv), conv.bias, out=buf)
+        norm = getattr(layer, "layer_norm", None)
         if isinstance(norm, nn.LayerNorm):
             h = nn.functional.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         h = _activation(layer.activation, h)
-    out = [h[b * pitch_rows : b * pitch_rows + n].t() for b, n in enumerate(counts)]
+    out = [h[off // stride : off // stride + n].t() for off, n in zip(offsets, counts)]
     return out, counts
 
 
-def _group_norm_folded_first_layer(patches: torch.Tensor, counts: Sequence[int], w0: torch.Tensor,
-                                   bias: torch.Tensor | None, gn: nn.GroupNorm,
-                                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """conv -> GroupNorm(channels) of the first layer as one batched product with per-clip weights.
+def _group_norm_fold(waves: Sequence[torch.Tensor], conv: nn.Conv1d, gn: nn.GroupNorm
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv -> GroupNorm(channels) of the first layer as per-clip weights: ``(B, k, C)`` and shifts ``(B, C)``.
 
-    For clip ``b`` with valid windows ``x_t`` (rows of ``patches``), channel ``c``'s conv output is
-    ``w_c . x_t + bias_c``: its mean over the clip is ``w_c . mu_b + bias_c`` and its (biased)
-    variance ``w_c^T S_b w_c``, with ``mu_b``, ``S_b`` the windows' mean and covariance (float64,
-    centred: no cancellation). The normalised output is then ``x_t . (w_c a_bc) + (beta_c - a_bc w_c . mu_b)``
-    with ``a_bc = gamma_c / sqrt(var_bc + eps)``.
+    For clip ``b`` with valid windows ``x_t`` (all its ``(n - k) // s + 1`` windows), channel ``c``'s
+    conv output is ``w_c . x_t + bias_c``: its mean over the clip is ``w_c . mu_b + bias_c`` and its
+    (biased) variance ``w_c^T S_b w_c``, with ``mu_b``, ``S_b`` the windows' mean and covariance
+    (float64, centred: no cancellation). The normalised output is then
+    ``x_t . (w_c a_bc) + (beta_c - a_bc w_c . mu_b)`` with ``a_bc = gamma_c / sqrt(var_bc + eps)``.
     """
-    bsz, rows, k = patches.shape
-    n = torch.tensor(counts, device=patches.device, dtype=torch.float64)
-    valid = (torch.arange(rows, device=patches.device)[None] < n[:, None]).to(torch.float64)[..., None]
-    p64 = patches.double()
+    k, s = conv.kernel_size[0], conv.stride[0]
+    counts = [max(0, (len(w) - k) // s + 1) for w in waves]
+    rows = max(counts)
+    pitch = (rows - 1) * s + k
+    flat = torch.zeros(len(waves) * pitch, dtype=torch.float64, device=waves[0].device)
+    for b, w in enumerate(waves):
+        flat[b * pitch : b * pitch + min(len(w), pitch)] = w[:pitch]
+    patches = flat.as_strided((len(waves), rows, k), (pitch, s, 1))  # (B, rows, k)
+    n = torch.tensor(counts, device=flat.device, dtype=torch.float64)
+    valid = (torch.arange(rows, device=flat.device)[None] < n[:, None]).to(torch.float64)[..., None]
     cnt = n.clamp(min=1)[:, None]
-    mu = (p64 * valid).sum(1) / cnt  # (B, k)
-    dev = (p64 - mu[:, None]) * valid
+    mu = (patches * valid).sum(1) / cnt  # (B, k)
+    dev = (patches - mu[:, None]) * valid
     cov = dev.transpose(1, 2) @ dev / cnt[..., None]  # (B, k, k)
-    w64 = w0.double()
+    w64 = conv.weight.reshape(conv.out_channels, k).double()
     var = torch.einsum("ck,bkl,cl->bc", w64, cov, w64)  # (B, C)
     scale = torch.rsqrt(var + gn.eps)
     if gn.affine:
         scale = scale * gn.weight.double()[None]
-    shift = -(mu @ w64.t()) * scale  # (B, C)
+    shift = -(mu @ w64.t()) * scale  # (B, C); the conv bias moves the mean only: it cancels
     if gn.affine:
         shift = shift + gn.bias.double()[None]
-    del bias  # the conv bias moves the mean only: it cancels in the normalisation
-    weff = (w64[None] * scale[..., None]).transpose(1, 2).to(patches.dtype)  # (B, k, C)
-    if out is not None:  # (B * rows, C) buffer: the product, then the shift in place
-        res = torch.bmm(patches, weff, out=out.view(bsz, rows, -1))
-        return res.add_(shift.to(patches.dtype)[:, None, :])
-    return torch.baddbmm(shift.to(patches.dtype)[:, None, :], patches, weff)
-
-
+    weff = (w64[None] * scale[..., None]).transpose(1, 2)  # (B, k, C)
+    return weff.to(waves[0].dtype), shift.to(waves[0].dtype)
 
 
 def pos_conv_croppable(module: nn.Module) -> bool:
@@ -517,8 +543,8 @@ class SSLEncoder(Encoder):
     #: clips per CNN call: large padded batches of 16-kHz samples overflow the CPU caches (one
     #: 400-clip call measured ~20 % slower than clip by clip; chunks of 8-16 ~25 % faster)
     cnn_chunk = 16
-    #: padded samples per :func:`gemm_cnn` call (its matrix products want many rows; ~10 s of audio
-    #: keeps the largest intermediate, the first layer's output, near 100 MB)
+    #: samples per :func:`gemm_cnn` call (its matrix products want many rows; ~10 s of audio keeps
+    #: the largest intermediate, the first layer's output, near 100 MB)
     cnn_gemm_samples = 160_000
 
     def cnn_outputs(self, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -531,10 +557,10 @@ class SSLEncoder(Encoder):
         out: list[torch.Tensor] = []
         if self.cnn_gemm:
             a = 0
-            while a < len(waves):  # chunks of at most cnn_gemm_samples padded samples
-                b, longest = a + 1, len(waves[a])
-                while b < len(waves) and (b + 1 - a) * max(longest, len(waves[b])) <= self.cnn_gemm_samples:
-                    longest = max(longest, len(waves[b]))
+            while a < len(waves):  # chunks of at most cnn_gemm_samples samples (or one clip)
+                b, size = a + 1, len(waves[a])
+                while b < len(waves) and size + len(waves[b]) <= self.cnn_gemm_samples:
+                    size += len(waves[b])
                     b += 1
                 out += gemm_cnn(fe, waves[a:b])[0]
                 a = b
