@@ -9,9 +9,11 @@ as separate processes, from the shell:
   (a) the common recipe: import, load the model, decode, pad/truncate to 1.0 s, batches of 8, full
       model (``SSLEncoder.common_pipeline``, the model's own forward);
   (b) ``python -m cli.featstore_app extract`` (decode, length-aware batches, encode, HDF5 written,
-      padding audit on).
+      padding audit on), once before (a) and once after it.
 
-It prints true-audio seconds per second of both, their ratio, featstore's time to first batch
+It prints true-audio seconds per second of each, their ratio (the recipe's time over the mean of
+featstore's two runs: the host's speed drifts by several per cent over minutes, and a drift that
+is linear in time cancels), featstore's time to first batch
 (process start to the first batch's encode) and where the rest went, the model's FLOPs counted from
 its config (CNN and transformer separately, each clip alone, no padding) and the achieved GFLOP/s
 of the batch loop as a fraction of the matrix-product rate (and, robust to the host's drift, the
@@ -328,21 +330,29 @@ def main() -> None:
     print(f"2048^2 float32 matmul: {mm:.0f} GFLOP/s (fastest of 5), {sus:.0f} GFLOP/s sustained over 3 s ({load_text()})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
+    def featstore_run(tag: str) -> tuple[float, float, Path]:
+        store = tmp / f"store-{tag}.h5"
+        t, started, _ = run_timed([sys.executable, "-m", "cli.featstore_app", "extract", "--manifest", str(manifest),
+                                   "--model", str(model_dir), "--out", str(store), "--device", args.device,
+                                   "--amp", args.amp, "--batch-seconds", str(args.batch_seconds)], env)
+        return t, started, store
+
+    # featstore before and after the recipe (A B A): the host's speed drifts by several per cent
+    # over minutes, and the ratio takes the mean of the two runs around the recipe's
+    runs = [featstore_run("before")]
+    print(f"(b) featstore extract: {runs[0][0]:.1f} s whole process ({load_text()})")
     t_pad = None
     if not args.skip_padded:
         t_pad, _, out = run_timed([sys.executable, str(Path(__file__).resolve()), "--padded-child", str(model_dir),
                                    str(manifest), "1.0"], env)
         pad_info = json.loads(out.strip().splitlines()[-1])
         print(f"(a) padded recipe: {t_pad:.1f} s whole process ({load_text()})")
-
-    store = tmp / "store.h5"
-    t_ours, started, _ = run_timed([sys.executable, "-m", "cli.featstore_app", "extract", "--manifest", str(manifest),
-                                    "--model", str(model_dir), "--out", str(store), "--device", args.device, "--amp", args.amp,
-                                    "--batch-seconds", str(args.batch_seconds)], env)
+        runs.append(featstore_run("after"))
+        print(f"(b) featstore extract again: {runs[1][0]:.1f} s whole process ({load_text()})")
+    t_ours, started, store = runs[0]
     mm_after = matmul_rate()
     sus_after = sustained_matmul_rate()
-    print(f"(b) featstore extract: {t_ours:.1f} s whole process ({load_text()}); matmul after: {mm_after:.0f} GFLOP/s "
-          f"fastest, {sus_after:.0f} sustained")
+    print(f"matmul after: {mm_after:.0f} GFLOP/s fastest, {sus_after:.0f} sustained")
 
     import featstore
     from featstore.encoders.hf_ssl import SSLEncoder
@@ -371,10 +381,16 @@ def main() -> None:
     print("|---|---:|---:|")
     if t_pad:
         print(f"| common: pad to 1.0 s, batch 8, full model | {t_pad:.1f} | {audio_s / t_pad:.2f} |")
-    print(f"| featstore extract (HDF5 written, audit on) | {t_ours:.1f} | {audio_s / t_ours:.2f} |")
+    for (t, _, _), when in zip(runs, (", before the recipe", ", after the recipe") if t_pad else ("",)):
+        print(f"| featstore extract (HDF5 written, audit on){when} | {t:.1f} | {audio_s / t:.2f} |")
     if t_pad:
-        print(f"\nspeed-up (true-audio throughput, whole processes): {t_pad / t_ours:.2f}x")
-    print(f"time to first batch (process start -> first encode): {ttfb:.2f} s; batch loop {loop:.1f} s "
+        t_mean = sum(r[0] for r in runs) / len(runs)
+        print(f"\nspeed-up (true-audio throughput, whole processes): {t_pad / t_mean:.2f}x (the recipe's time over the "
+              f"mean of featstore's runs before and after it, {t_mean:.1f} s; {t_pad / runs[0][0]:.2f}x and "
+              f"{t_pad / runs[1][0]:.2f}x against each)")
+    ttfbs = [featstore.open(r[2]).attrs["extraction_stats"]["timings"]["first_batch_unix"] - r[1] for r in runs]
+    print(f"time to first batch (process start -> first encode): {' and '.join(f'{x:.2f}' for x in ttfbs)} s; "
+          f"{'the run before the recipe: ' if t_pad else ''}batch loop {loop:.1f} s "
           f"(encode {tim['encode']:.1f}, batch-file writes {tim['write']:.2f}, their fsync {tim.get('sync', 0):.2f} beside the "
           f"next encode, of which waited for {tim.get('commit_wait', 0):.2f}, waiting for decode {tim['decode_wait']:.2f}); "
           f"after the loop {t_ours - ttfb - loop:.1f} s (padding audit {tim.get('audit', float('nan')):.1f} while a thread "
