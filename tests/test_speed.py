@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.encoders.hf_ssl import (SSLEncoder, _pos_conv_cropped, cnn_slots, fast_transformer, gemm_cnn, gemm_cnn_supported,
+from featstore.encoders.hf_ssl import (SSLEncoder, _pos_conv_cropped, cnn_slots, constant_tail, fast_transformer, gemm_cnn, gemm_cnn_supported,
                                        masked_group_norm_cnn, pos_conv_croppable, wavlm_attention_fast,
                                        wavlm_attention_swappable)
 from tests.conftest import save_tiny
@@ -54,7 +54,8 @@ def test_cnn_slots_hold_what_each_clip_frames_read_and_no_more(tiny_models):
     CNN rows than the clips alone)."""
     layers = list(SSLEncoder(tiny_models["wavlm"]).model.feature_extractor.conv_layers)
     sizes = [16000, 399, 400, 719, 720, 1040, 2400, 3333]
-    offsets, slots, frames = cnn_slots(layers, sizes)
+    offsets, slots, frames, computed = cnn_slots(layers, sizes)
+    assert computed == frames
     assert frames == [0 if n < 400 else (n - 400) // 320 + 1 for n in sizes] == [49, 0, 1, 1, 2, 3, 7, 10]
     assert slots == [16000, 0, 640, 640, 960, 1280, 2560, 3520]
     for f, slot in zip(frames, slots):
@@ -85,6 +86,45 @@ def test_gemm_cnn_packed_clips_read_neither_their_neighbours_nor_lose_their_tail
             solo = fe(w[None])[0]
             assert o.shape == solo.shape
             assert float((o - solo).abs().max()) <= 1e-5 * max(1.0, float(solo.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["wavlm", "wav2vec2-layer"])
+@pytest.mark.parametrize("pad_value", [0.0, -0.7])
+def test_gemm_cnn_computes_a_constant_tail_once_and_equals_the_solo_run(tiny_models, kind, pad_value):
+    """Clips padded to 1 s (the padding audit's windows: zeros, or the constant a normalised
+    padded vector has): every frame whose samples are all padding is the same, so one is computed
+    and repeated -- the frames still equal each window run alone (and its group norm, over the
+    whole window, padding included)."""
+    fe = SSLEncoder(tiny_models[kind]).model.feature_extractor
+    layers = list(fe.conv_layers)
+    rng = np.random.default_rng(11)
+    sizes = [2400, 719, 16000, 5000]
+    waves = []
+    for n in sizes:
+        w = np.full(16000, pad_value, np.float32)
+        w[:n] = rng.normal(size=n)
+        waves.append(torch.from_numpy(w))
+    tails = [constant_tail(w) for w in waves]
+    assert tails[0] <= 2400 and tails[1] <= 719 and tails[3] <= 5000 and tails[2] >= 15999
+    _, slots, frames, computed = cnn_slots(layers, [16000] * 4, tails)
+    assert frames == [49] * 4
+    assert computed == [min(49, -(-t // 320) + 1) for t in tails] and computed[0] <= 9 and computed[2] == 49
+    assert sum(slots) < 16000 * 2
+    with torch.inference_mode():
+        out, counts = gemm_cnn(fe, waves)
+        assert counts == [49] * 4
+        for w, o in zip(waves, out):
+            solo = fe(w[None])[0]
+            assert o.shape == solo.shape == (solo.shape[0], 49)
+            assert float((o - solo).abs().max()) <= 1e-5 * max(1.0, float(solo.abs().max()))
+
+
+def test_constant_tail():
+    t = torch.tensor
+    assert constant_tail(t([1.0, 2.0, 3.0])) == 2
+    assert constant_tail(t([1.0, 2.0, 0.0, 0.0, 0.0])) == 2
+    assert constant_tail(t([0.0, 0.0])) == 0
+    assert constant_tail(t([5.0])) == 0
 
 
 def test_gemm_cnn_gradients_equal_conv1d(tiny_models):
@@ -246,9 +286,14 @@ def test_a_cpu_batch_runs_as_single_thread_lanes_with_each_clips_solo_frames(tin
     clips = [(0.1 * rng.normal(size=n)).astype(np.float32) for n in sorted(SIZES * 2)]
     seen = []
     inner = enc._packed
+    # the lanes must run at once: each waits here for the other (a tiny model's lane can end
+    # before the next is submitted, and the pool would then run both on one thread, one by one)
+    together = threading.Barrier(2, timeout=30)
 
     def spy(waves, *a, **k):
         seen.append((threading.current_thread().name, torch.get_num_threads(), len(waves)))
+        if threading.current_thread().name.startswith("featstore-lane"):
+            together.wait()
         return inner(waves, *a, **k)
 
     monkeypatch.setattr(enc, "_packed", spy)

@@ -192,14 +192,19 @@ def _activation(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return act(h)
 
 
-def cnn_slots(layers: Sequence[nn.Module], lengths: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-    """Where :func:`gemm_cnn` lays each clip: ``(offsets, slots, frames)`` in samples and frames.
+def cnn_slots(layers: Sequence[nn.Module], lengths: Sequence[int], tails: Sequence[int] | None = None
+              ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Where :func:`gemm_cnn` lays each clip: ``(offsets, slots, frames, computed)``, in samples and
+    frames.
 
     A clip's frames read only its first ``(frames - 1) * stride + receptive_field`` samples (the
     rest of a short clip, up to a stride's worth, feeds no frame); its slot is that span rounded up
     to the total stride, so every clip starts on a whole row of every layer, and the slots lie end
     to end (a clip without frames gets none). Rows a layer computes past a clip's last useful one
-    read the next slot: they are scratch, never returned."""
+    read the next slot: they are scratch, never returned. ``tails``: where each clip's constant
+    tail starts (the sample from which all are equal: a padded window's zeros). Every frame whose
+    samples all lie in it is the same (each layer maps equal rows to equal rows), so only the
+    first of them is computed (``computed`` frames: the slot covers those) and repeated."""
     total_stride, rf = 1, 1
     for m in reversed(list(layers)):
         rf = (rf - 1) * m.conv.stride[0] + m.conv.kernel_size[0]
@@ -210,18 +215,30 @@ def cnn_slots(layers: Sequence[nn.Module], lengths: Sequence[int]) -> tuple[list
         for m in layers:
             n = max(0, (n - m.conv.kernel_size[0]) // m.conv.stride[0] + 1)
         frames.append(int(n))
-    slots = [-(-((f - 1) * total_stride + rf) // total_stride) * total_stride if f > 0 else 0 for f in frames]
+    computed = list(frames) if tails is None else [
+        min(f, -(-int(t) // total_stride) + 1) for f, t in zip(frames, tails)]
+    slots = [-(-((f - 1) * total_stride + rf) // total_stride) * total_stride if f > 0 else 0 for f in computed]
     offsets = [0] * len(slots)
     for b in range(1, len(slots)):
         offsets[b] = offsets[b - 1] + slots[b - 1]
-    return offsets, slots, frames
+    return offsets, slots, frames, computed
+
+
+def constant_tail(wave: torch.Tensor) -> int:
+    """The first sample of ``wave``'s constant tail: from there to the end all samples are equal
+    (``len(wave) - 1`` for a wave that ends in two different samples; 0 for a constant one)."""
+    differs = wave.detach() != wave[-1].detach()
+    if not bool(differs.any()):
+        return 0
+    return len(wave) - int(differs.flip(0).to(torch.uint8).argmax())
 
 
 def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
     """The CNN feature encoder as matrix products, exact per clip: each clip's frames ``(C, n)``.
 
     Channels-last throughout: the clips are packed end to end, each in a slot of the samples its
-    frames read rounded up to the total stride (:func:`cnn_slots`), so every layer is one
+    frames read rounded up to the total stride (:func:`cnn_slots`; of a constant tail, as a padded
+    window's, only the first frame is computed, then repeated), so every layer is one
     ``(rows, k * C_in) @ (k * C_in, C_out)`` product over a strided view of the previous layer's
     rows (im2col without a copy where ``k <= stride``), and a clip's valid outputs read only its own
     samples. The first layer's GroupNorm (one group per channel: each channel normalised over the
@@ -234,7 +251,7 @@ def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple
     layers = list(feature_encoder.conv_layers)
     device, dtype = waves[0].device, waves[0].dtype
     lengths = [int(len(w)) for w in waves]
-    offsets, slots, counts = cnn_slots(layers, lengths)
+    offsets, slots, counts, computed = cnn_slots(layers, lengths, [constant_tail(w) if len(w) else 0 for w in waves])
     total = offsets[-1] + slots[-1]
     first = layers[0].conv
     k0, s0, c0 = first.kernel_size[0], first.stride[0], first.out_channels
@@ -278,7 +295,12 @@ def gemm_cnn(feature_encoder: nn.Module, waves: Sequence[torch.Tensor]) -> tuple
         if isinstance(norm, nn.LayerNorm):
             h = nn.functional.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         h = _activation(layer.activation, h)
-    out = [h[off // stride : off // stride + n].t() for off, n in zip(offsets, counts)]
+    out = []
+    for off, n, c in zip(offsets, counts, computed):
+        rows = h[off // stride : off // stride + c]
+        if c < n:  # the frames of the constant tail: all equal to its first
+            rows = torch.cat([rows, rows[-1:].expand(n - c, -1)])
+        out.append(rows.t())
     return out, counts
 
 
