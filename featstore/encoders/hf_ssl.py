@@ -192,6 +192,25 @@ def _activation(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return act(h)
 
 
+def conv_geometry(convs: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """``(receptive_field, total_stride)`` in samples of a stack of ``(kernel, stride)`` convolutions."""
+    rf, jump = 1, 1
+    for k, s in convs:
+        rf += (k - 1) * jump
+        jump *= s
+    return rf, jump
+
+
+def conv_frames(convs: Sequence[tuple[int, int]], num_samples: int) -> int:
+    """Frames of ``num_samples`` samples: the conv formula ``(n - k) // s + 1`` per layer (0 below one frame)."""
+    n = int(num_samples)
+    for k, s in convs:
+        n = (n - k) // s + 1
+        if n <= 0:
+            return 0
+    return n
+
+
 def cnn_slots(layers: Sequence[nn.Module], lengths: Sequence[int], tails: Sequence[int] | None = None
               ) -> tuple[list[int], list[int], list[int], list[int]]:
     """Where :func:`gemm_cnn` lays each clip: ``(offsets, slots, frames, computed)``, in samples and
@@ -205,16 +224,9 @@ def cnn_slots(layers: Sequence[nn.Module], lengths: Sequence[int], tails: Sequen
     tail starts (the sample from which all are equal: a padded window's zeros). Every frame whose
     samples all lie in it is the same (each layer maps equal rows to equal rows), so only the
     first of them is computed (``computed`` frames: the slot covers those) and repeated."""
-    total_stride, rf = 1, 1
-    for m in reversed(list(layers)):
-        rf = (rf - 1) * m.conv.stride[0] + m.conv.kernel_size[0]
-    for m in layers:
-        total_stride *= m.conv.stride[0]
-    frames = []
-    for n in lengths:
-        for m in layers:
-            n = max(0, (n - m.conv.kernel_size[0]) // m.conv.stride[0] + 1)
-        frames.append(int(n))
+    convs = [(m.conv.kernel_size[0], m.conv.stride[0]) for m in layers]
+    rf, total_stride = conv_geometry(convs)
+    frames = [conv_frames(convs, n) for n in lengths]
     computed = list(frames) if tails is None else [
         min(f, -(-int(t) // total_stride) + 1) for f, t in zip(frames, tails)]
     slots = [-(-((f - 1) * total_stride + rf) // total_stride) * total_stride if f > 0 else 0 for f in computed]
@@ -471,11 +483,8 @@ class SSLEncoder(Encoder):
         # frame count (no mask needed at all then).
         self.mask_exact = cfg.get("model_type") != "data2vec-audio"
         kernels, strides = list(cfg["conv_kernel"]), list(cfg["conv_stride"])
-        rf, jump = 1, 1
-        for k, s in zip(kernels, strides):
-            rf += (k - 1) * jump
-            jump *= s
         self._convs = [(int(k), int(s)) for k, s in zip(kernels, strides)]
+        rf, jump = conv_geometry(self._convs)
         self.frame_stride_samples = jump
         self.receptive_field_samples = rf
         self.first_frame_center_samples = (rf - 1) / 2
@@ -542,12 +551,7 @@ class SSLEncoder(Encoder):
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of ``num_samples`` samples: the conv formula ``(n - k) // s + 1`` per layer (0 below one frame)."""
-        n = int(num_samples)
-        if n < self.receptive_field_samples:
-            return 0
-        for k, s in self._convs:
-            n = (n - k) // s + 1
-        return n
+        return conv_frames(self._convs, num_samples)
 
     def preprocess(self, clip: np.ndarray) -> np.ndarray:
         """The checkpoint's per-clip normalisation, over the clip's own samples."""
